@@ -1,0 +1,67 @@
+"""GPU datasheet numbers (``configs/hardware/<name>.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from rooflab.arch import CONFIGS_DIR
+from rooflab.errors import InputError
+
+_FIELDS = ("peak_tflops_bf16", "peak_tflops_fp8", "hbm_tb_s", "nvlink_gb_s_per_direction", "memory_gb")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    peak_tflops_bf16: float  # dense (no sparsity)
+    peak_tflops_fp8: float | None  # dense; None where the GPU has no fp8 tensor cores
+    hbm_tb_s: float
+    nvlink_gb_s_per_direction: float
+    memory_gb: float
+    source: str = ""
+
+    def gemm_tflops(self, fp8: bool) -> float:
+        """Peak for a GEMM whose weights are fp8 (fp8 peak where the GPU has one) or not."""
+        return self.peak_tflops_fp8 if (fp8 and self.peak_tflops_fp8) else self.peak_tflops_bf16
+
+
+def parse_hardware(doc: dict, *, source: str) -> Hardware:
+    if not isinstance(doc, dict):
+        raise InputError(source, None, "expected a YAML mapping")
+    unknown = set(doc) - set(_FIELDS) - {"name"}
+    if unknown:
+        raise InputError(source, sorted(unknown)[0], f"unknown field (known: name, {', '.join(_FIELDS)})")
+    values = {}
+    for f in _FIELDS:
+        if f not in doc:
+            raise InputError(source, f, "required field is missing")
+        v = doc[f]
+        if v is None and f == "peak_tflops_fp8":
+            values[f] = None
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise InputError(source, f, f"expected a positive number, got {v!r}")
+        values[f] = float(v)
+    name = doc.get("name") or Path(source).stem
+    return Hardware(name=str(name), source=source, **values)
+
+
+def load_hardware(name_or_path: str | Path) -> Hardware:
+    p = Path(name_or_path)
+    path = p if p.suffix in (".yaml", ".yml") and p.is_file() else CONFIGS_DIR / "hardware" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise InputError(name_or_path, None, f"no such hardware (known: {', '.join(list_hardware())})")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise InputError(path, None, f"malformed YAML{where}") from None
+    return parse_hardware(doc, source=str(path))
+
+
+def list_hardware() -> list[str]:
+    return sorted(p.stem for p in (CONFIGS_DIR / "hardware").glob("*.yaml"))
