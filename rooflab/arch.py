@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from rooflab.errors import InputError
@@ -224,7 +225,8 @@ def parse_config(cfg: dict, *, name: str, source: str = "<config>", kv_bytes: fl
 def load_model(name_or_path: str | Path, *, kv_bytes: float | None = None) -> ModelArch:
     """Load a model by name (``configs/models/<name>/config.json``), directory, or config file path."""
     p = Path(name_or_path)
-    candidates = [p / "config.json", p] if p.exists() else [CONFIGS_DIR / "models" / str(name_or_path) / "config.json"]
+    name = resolve_model_name(str(name_or_path))
+    candidates = [p / "config.json", p] if p.exists() else [CONFIGS_DIR / "models" / name / "config.json"]
     path = next((c for c in candidates if c.is_file()), None)
     if path is None:
         known = ", ".join(list_models())
@@ -235,6 +237,25 @@ def load_model(name_or_path: str | Path, *, kv_bytes: float | None = None) -> Mo
         raise InputError(path, None, f"malformed JSON at line {exc.lineno}: {exc.msg}") from None
     name = path.parent.name if path.name == "config.json" else path.stem
     return parse_config(cfg, name=name, source=str(path), kv_bytes=kv_bytes)
+
+
+@lru_cache(maxsize=1)
+def _aliases() -> dict:
+    import yaml
+
+    path = CONFIGS_DIR / "models" / "aliases.yaml"
+    try:
+        doc = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    except yaml.YAMLError:
+        raise InputError(path, None, "malformed YAML") from None
+    if not isinstance(doc or {}, dict):
+        raise InputError(path, None, "expected a mapping of alias: model folder")
+    return {str(k).lower(): str(v) for k, v in (doc or {}).items()}
+
+
+def resolve_model_name(name: str) -> str:
+    """Map another source's name for a shipped model (``configs/models/aliases.yaml``) to its folder."""
+    return _aliases().get(name.lower(), name)
 
 
 def list_models() -> list[str]:

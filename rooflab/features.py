@@ -221,3 +221,31 @@ def compute_features(s: Setting, agg: dict | pd.DataFrame) -> dict[str, np.ndarr
     out["one"] = np.ones(n)
     out["n_layers"] = np.full(n, float(L))
     return out
+
+
+def featurize(steps: pd.DataFrame, formulas: str = "vllm", *, fp8_peak: bool = True,
+              models: dict | None = None, hardware: dict | None = None) -> pd.DataFrame:
+    """Feature frame aligned with ``steps`` (a step table). Each (model, tp, hardware) group is computed
+    in one vectorized pass. ``models``/``hardware`` may map names to already-loaded objects."""
+    from rooflab.arch import load_model
+    from rooflab.hardware import load_hardware
+
+    models = dict(models or {})
+    hardware = dict(hardware or {})
+    cols = {}
+    keys = steps[["model", "tp", "hardware"]].astype({"model": str, "tp": int, "hardware": str})
+    codes, uniques = pd.MultiIndex.from_frame(keys).factorize()
+    for g, (model, tp, hw) in enumerate(uniques):
+        if model not in models:
+            models[model] = load_model(model)
+        if hw not in hardware:
+            hardware[hw] = load_hardware(hw)
+        idx = np.flatnonzero(codes == g)
+        sub = {c: (steps[c].to_numpy(dtype=np.float64)[idx] if c in steps.columns else np.nan)
+               for c in AGGREGATE_COLUMNS}
+        feats = compute_features(Setting(models[model], hardware[hw], int(tp), formulas, fp8_peak), sub)
+        for k, v in feats.items():
+            if k not in cols:
+                cols[k] = np.empty(len(steps))
+            cols[k][idx] = v
+    return pd.DataFrame(cols, index=steps.index)

@@ -1,0 +1,155 @@
+"""The ``rooflab`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from rooflab.errors import InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="rooflab: calibrate corrected-roofline step-time models of vLLM serving.")
+
+
+def _prior(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        v = float(value)
+    except ValueError:
+        raise InputError(None, "--prior", f"expected 'auto' or a non-negative number, got {value!r}") from None
+    if v < 0:
+        raise InputError(None, "--prior", "must be non-negative")
+    return v
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+def _clean(o):
+    """JSON has no NaN/Infinity: write null."""
+    import math
+
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+@app.command()
+def fit(
+    steps: Path = typer.Option(..., "--steps", help="step table or aggregated step records (.parquet/.csv)"),
+    requests: Optional[Path] = typer.Option(None, "--requests", help="request table for the α fit"),
+    hardware: str = typer.Option("H100-SXM", help="GPU of step-record files (they do not name it)"),
+    variant: str = typer.Option("roofline7", help="model variant: roofline7 | roofline7+layers"),
+    formulas: str = typer.Option("vllm", help="feature formulas: vllm | design"),
+    prior: str = typer.Option("auto", help="prior strength λ, or 'auto' (leave-one-run-out choice)"),
+    boot: int = typer.Option(200, help="bootstrap draws"),
+    seed: int = typer.Option(0),
+    plots: Optional[Path] = typer.Option(None, help="folder for residual plots (PNG)"),
+    out: Optional[Path] = typer.Option(None, help="write the full result as JSON to this file"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of the text report"),
+    evaluate: bool = typer.Option(False, help="also report held-out accuracy (leave-one-model-out, "
+                                              "leave-one-run-out) for roofline7 and roofline7+layers"),
+):
+    """Fit β (and α) to collected steps, check their health, and diagnose the residuals."""
+    from rooflab.adapters import read_requests, read_steps
+    from rooflab.calibration import Options, calibrate
+    from rooflab.report import render, render_evaluation
+
+    from rooflab.variant import get_variant
+    from rooflab.features import FORMULAS
+
+    get_variant(variant)
+    if formulas not in FORMULAS:
+        raise InputError(None, "--formulas", f"unknown formulas {formulas!r} (known: {', '.join(FORMULAS)})")
+    options = Options(variant=variant, formulas=formulas, prior_strength=_prior(prior), n_boot=boot, seed=seed)
+    table = read_steps(steps, hardware=hardware)
+    req = read_requests(requests) if requests else None
+    result = calibrate(table, req, options, plots_dir=plots)
+    doc = result.to_dict()
+    doc["source"] = {"steps": str(steps), "requests": str(requests) if requests else None}
+    evaluation = None
+    if evaluate:
+        from rooflab.crossval import evaluate as run_evaluation
+
+        evaluation = run_evaluation(table, options)
+        doc["evaluation"] = evaluation.to_dict(orient="records")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(_clean(doc), indent=2, default=_json_default))
+        tmp.replace(out)
+    if as_json:
+        print(json.dumps(_clean(doc), indent=2, default=_json_default))
+        return
+    print(render(result))
+    if evaluation is not None:
+        print()
+        print("held-out step-time accuracy (whole runs / whole models held out; formulas "
+              f"{formulas}; λ chosen by leave-one-run-out on the training runs)")
+        print(render_evaluation(evaluation))
+
+
+@app.command()
+def models():
+    """List the shipped model configs and their architecture."""
+    from rooflab.arch import list_models, load_model
+
+    for name in list_models():
+        a = load_model(name)
+        kind = ("MLA+" if a.mla else "") + (f"MoE {a.n_experts}x top-{a.experts_per_token}" if a.is_moe else "dense")
+        print(f"{name:28s} L={a.n_layers:<3d} d={a.hidden:<5d} H={a.n_heads:<3d} H_kv={a.n_kv_heads:<3d} "
+              f"{kind:22s} {'fp8' if a.fp8_weights else 'bf16'}")
+
+
+@app.command("hardware")
+def hardware_list():
+    """List the shipped GPU datasheets."""
+    from rooflab.hardware import list_hardware, load_hardware
+
+    for name in list_hardware():
+        h = load_hardware(name)
+        fp8 = f"{h.peak_tflops_fp8:g}" if h.peak_tflops_fp8 else "-"
+        print(f"{name:10s} bf16 {h.peak_tflops_bf16:g} TFLOP/s  fp8 {fp8} TFLOP/s  HBM {h.hbm_tb_s:g} TB/s  "
+              f"link {h.nvlink_gb_s_per_direction:g} GB/s/dir  {h.memory_gb:g} GB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            return 130
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
