@@ -27,7 +27,7 @@ from rooflab.errors import InputError
 from rooflab.variant import Variant, get_variant
 
 DEFAULT_PRIOR_STRENGTH = 1e-3
-PRIOR_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+PRIOR_GRID = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 MIN_RUNS_FOR_RUN_BOOTSTRAP = 5
 BLOCKS_PER_RUN = 40  # block bootstrap within runs when there are too few runs to resample whole runs
 

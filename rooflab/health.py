@@ -6,8 +6,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from statsmodels.stats.outliers_influence import variance_inflation_factor
-
 from rooflab.fit import BetaFit
 
 PASS, WARN, FAIL, NA = "pass", "warn", "fail", "n/a"
@@ -103,15 +101,17 @@ def check_health(fit: BetaFit, X: np.ndarray, y: np.ndarray) -> list[Check]:
     out.append(Check("condition number", "design", status, cond, "pass <30, warn 30–100, fail >100",
                      "" if status == PASS else f"collinearity: vary the confounded features ({confounded})"))
 
-    # 5. VIF, refitted on the active set (coefficients off their bound)
+    # 5. VIF, refitted on the active set (coefficients off their bound). The fit is least squares on the
+    # relative rows x/y, where the per-step constant is an ordinary column (1/y), so the VIF is the
+    # uncentered one of that design: VIF_j = [(ZᵀZ)⁻¹]_jj for unit-norm columns = 1 / (1 − R²_j).
     active = [k for k, j in enumerate(cols) if fit.beta[j] > terms[j].lower + 1e-12]
     if len(active) >= 2:
         Za = Zs[:, active]
+        w, V = np.linalg.eigh(Za.T @ Za)
+        vifs = (V ** 2 / np.clip(w, 1e-15, None)).sum(axis=1)
         for k, col in enumerate(active):
             j = cols[col]
-            if terms[j].feature == "one":
-                continue  # the intercept's VIF is not informative
-            vif = float(variance_inflation_factor(Za, k))
+            vif = float(vifs[k])
             status = _grade(vif, lambda v: v <= 5, lambda v: v <= 10)
             out.append(Check("VIF", names[j], status, vif, "pass ≤5, warn 5–10, fail >10",
                              "" if status == PASS else f"{names[j]} is nearly a combination of the other features: "
