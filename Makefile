@@ -3,8 +3,9 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-# inference-perf needs Python >= 3.12; pyenv machines keep it outside the default PATH.
-PYTHON312 ?= $(shell command -v python3.12 2>/dev/null && python3.12 -c 'print()' >/dev/null 2>&1 && echo python3.12 || ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
+# inference-perf needs Python 3.12 (the pin set was checked on it); pyenv machines keep it off the PATH.
+PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 /usr/local/bin/python3.12 /usr/bin/python3.12; do \
+  "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 SHARED ?= ../shared
 
 .PHONY: run test venv bench clean
@@ -19,8 +20,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
 
+# Until the campaign exists: the real-data fit (H100 step records) with held-out evaluation of both variants.
 run: venv
-	$(VENV)/bin/rooflab fit --steps $(SHARED)/data/real/steps/h100_step_records.parquet --evaluate
+	$(VENV)/bin/rooflab fit --steps $(SHARED)/data/real/steps/h100_step_records.parquet \
+	  --variant roofline7+layers --evaluate --plots reports/real-h100 --out reports/real-h100/fit.json
 
 test: venv
 	$(PY) -m pytest -q

@@ -8,7 +8,7 @@ from rooflab.calibration import Options, calibrate
 from rooflab.features import featurize
 from rooflab.fit import fit_alpha, fit_beta
 from rooflab.variant import get_variant
-from synthetic import TRUE_BETA, synthetic_steps, with_step_times
+from rooflab.synthetic import TRUE_BETA, synthetic_steps, with_step_times
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from rooflab.fit import fit_beta
 from rooflab.health import FAIL, PASS, check_health, overall
 from rooflab.residuals import HOTSPOT_MAPE, bucket_table, plot_residuals
 from rooflab.variant import get_variant
-from synthetic import synthetic_steps, with_step_times
+from rooflab.synthetic import synthetic_steps, with_step_times
 
 
 def _status(checks, check, target):

@@ -1,4 +1,4 @@
-"""Synthetic step tables with known β, for tests and benchmarks (no twin involved: y = Xβ·noise)."""
+"""Synthetic step tables with known β (y = Xβ × noise; no twin involved), for tests and benchmarks."""
 
 from __future__ import annotations
 
