@@ -66,7 +66,8 @@ def fit(
     out: Optional[Path] = typer.Option(None, help="write the full result as JSON to this file"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of the text report"),
     evaluate: bool = typer.Option(False, help="also report held-out accuracy (leave-one-model-out, "
-                                              "leave-one-run-out) for roofline7 and roofline7+layers"),
+                                              "leave-one-run-out) of roofline7 and roofline7+layers under "
+                                              "both feature formulas"),
 ):
     """Fit β (and α) to collected steps, check their health, and diagnose the residuals."""
     from rooflab.adapters import read_requests, read_steps
@@ -102,8 +103,8 @@ def fit(
     print(render(result))
     if evaluation is not None:
         print()
-        print("held-out step-time accuracy (whole runs / whole models held out; formulas "
-              f"{formulas}; λ chosen by leave-one-run-out on the training runs)")
+        print("held-out step-time accuracy (whole runs / whole models held out; "
+              "λ chosen by leave-one-run-out on the training runs)")
         print(render_evaluation(evaluation))
 
 

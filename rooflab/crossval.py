@@ -54,20 +54,23 @@ def leave_one_model_out(steps: pd.DataFrame, options: Options, features: pd.Data
     return held_out_errors(steps, groups, options, features)
 
 
-def evaluate(steps: pd.DataFrame, options: Options, variants=("roofline7", "roofline7+layers")) -> pd.DataFrame:
+def evaluate(steps: pd.DataFrame, options: Options, variants=("roofline7", "roofline7+layers"),
+             formulas=("vllm", "design")) -> pd.DataFrame:
     """Leave-one-model-out, leave-one-run-out within each model with ≥ 2 runs, and pooled in-sample,
-    for each model variant."""
-    feats = featurize(steps, options.formulas, fp8_peak=options.fp8_peak)
+    for each model variant and feature formula set."""
     model = steps["model"].astype(str).to_numpy()
     run = steps["run_id"].astype(str).to_numpy()
     tables = []
-    for v in variants:
-        opt = Options(**{**options.__dict__, "variant": v})
-        tables.append(held_out_errors(steps, [("pooled (in-sample)", np.ones(len(steps), bool),
-                                               np.ones(len(steps), bool))], opt, feats).assign(kind="in-sample"))
-        if len(np.unique(model)) >= 2:
-            tables.append(leave_one_model_out(steps, opt, feats).assign(kind="leave-one-model-out"))
-        for m in np.unique(model):
-            if len(np.unique(run[model == m])) >= 2:
-                tables.append(leave_one_run_out(steps, opt, m, feats).assign(kind=f"leave-one-run-out ({m})"))
+    for form in formulas:
+        feats = featurize(steps, form, fp8_peak=options.fp8_peak)
+        for v in variants:
+            opt = Options(**{**options.__dict__, "variant": v, "formulas": form})
+            everything = np.ones(len(steps), bool)
+            tables.append(held_out_errors(steps, [("pooled (in-sample)", everything, everything)], opt, feats)
+                          .assign(kind="in-sample"))
+            if len(np.unique(model)) >= 2:
+                tables.append(leave_one_model_out(steps, opt, feats).assign(kind="leave-one-model-out"))
+            for m in np.unique(model):
+                if len(np.unique(run[model == m])) >= 2:
+                    tables.append(leave_one_run_out(steps, opt, m, feats).assign(kind=f"leave-one-run-out ({m})"))
     return pd.concat(tables, ignore_index=True)

@@ -43,7 +43,8 @@ class Design:
     unit_kind: str  # "run" or "block"
     n_rows: np.ndarray  # (U,) rows per unit
     scale: np.ndarray  # (p,) column norms of X/y (1 where a column is all zero)
-    active: np.ndarray  # (p,) bool: column has data or a prior
+    active: np.ndarray  # (p,) bool: column has data or a prior, and is not tied
+    ties: dict  # held term -> term that takes the shared effect (proportional columns, no priors)
 
     @property
     def p(self) -> int:
@@ -82,9 +83,30 @@ def build_design(X: np.ndarray, y: np.ndarray, run_ids: np.ndarray, variant: Var
     n_rows = np.array([b - a for a, b in bounds], dtype=np.float64)
     norms = np.sqrt(np.diag(gram.sum(axis=0))[:-1])
     has_prior = np.array([t.prior is not None for t in variant.terms])
-    active = (norms > 0) | has_prior
+    ties = _proportional_terms(gram.sum(axis=0)[:-1, :-1], norms, has_prior, variant)
+    tied = np.array([t.name in ties for t in variant.terms])
+    active = ((norms > 0) | has_prior) & ~tied
     scale = np.where(norms > 0, norms, 1.0)
-    return Design(variant, gram, np.array(unit_run), [str(r) for r in runs], unit_kind, n_rows, scale, active)
+    return Design(variant, gram, np.array(unit_run), [str(r) for r in runs], unit_kind, n_rows, scale, active,
+                  ties)
+
+
+def _proportional_terms(G: np.ndarray, norms: np.ndarray, has_prior: np.ndarray, variant: Variant) -> dict:
+    """Prior-free terms whose columns are proportional in this data (e.g. the per-step constant and the
+    per-layer term when every step comes from one layer count) cannot be told apart: the term declared
+    later (the more specific one) takes the shared effect and the earlier one is held at its bound."""
+    ties = {}
+    names = variant.names
+    for j in range(len(names)):
+        if has_prior[j] or norms[j] == 0:
+            continue
+        for k in range(len(names) - 1, j, -1):
+            if has_prior[k] or norms[k] == 0 or names[k] in ties:
+                continue
+            if G[j, k] / (norms[j] * norms[k]) > 1 - 1e-9:
+                ties[names[j]] = names[k]
+                break
+    return ties
 
 
 def _gram_root(G: np.ndarray) -> np.ndarray:
@@ -155,6 +177,7 @@ class BetaFit:
     n_units: int
     ci: float
     loro: dict = field(default_factory=dict)  # run -> β fitted without that run
+    ties: dict = field(default_factory=dict)  # held term -> term that took the shared effect
 
     @property
     def names(self) -> list[str]:
@@ -174,7 +197,7 @@ class BetaFit:
                              for t, b, lo, hi in zip(self.variant.terms, self.beta, self.lower, self.upper)},
             "interval": self.ci, "prior_strength": self.prior_strength, "prior_selection": self.prior_selection,
             "bootstrap": {"unit": self.unit_kind, "units": self.n_units, "draws": int(len(self.draws))},
-            "n_steps": self.n_steps, "runs": self.runs,
+            "n_steps": self.n_steps, "runs": self.runs, "ties": self.ties,
         }
 
 
@@ -241,7 +264,7 @@ def fit_beta(X: np.ndarray, y: np.ndarray, run_ids, variant: str | Variant = "ro
     return BetaFit(variant=variant, formulas=formulas, beta=beta, lower=np.asarray(lower),
                    upper=np.asarray(upper), draws=draws, prior_strength=lam, prior_selection=selection,
                    data_precision=conditional_precision(design, G, n), n_steps=int(ok.sum()), runs=runs,
-                   unit_kind=design.unit_kind, n_units=U, ci=ci, loro=loro)
+                   unit_kind=design.unit_kind, n_units=U, ci=ci, loro=loro, ties=design.ties)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -50,8 +50,13 @@ def check_health(fit: BetaFit, X: np.ndarray, y: np.ndarray) -> list[Check]:
     y = np.asarray(y, dtype=np.float64)
     ok = np.isfinite(y) & (y > 0)
     X, y = X[ok], y[ok]
-    present = np.abs(X).sum(axis=0) > 0  # features that vary in the data at all
+    tied = np.array([t.name in fit.ties for t in terms])
+    present = (np.abs(X).sum(axis=0) > 0) & ~tied  # features the fit could use at all
     out: list[Check] = []
+    for held, into in fit.ties.items():
+        out.append(Check("proportional terms", f"{held}→{into}", WARN, 1.0, "columns proportional in the data",
+                         f"{held} is held at 0 and {into} carries their shared effect: add data where they "
+                         "differ (e.g. models with another layer count) to separate them"))
 
     # 1. physical range of the efficiency corrections
     for j, t in enumerate(terms):

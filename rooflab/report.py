@@ -36,6 +36,9 @@ def render(c: Calibration, top_buckets: int = 40) -> str:
     rows = [[tm.name, _num(v), f"[{_num(lo)}, {_num(hi)}]", tm.unit, tm.meaning]
             for tm, v, lo, hi in zip(b.variant.terms, b.beta, b.lower, b.upper)]
     out.append(_table(rows, ["coef", "value", f"{int(b.ci * 100)}% interval", "unit", "term"]))
+    for held, into in b.ties.items():
+        out.append(f"note: {held} and {into} are proportional in this data; {held} is held at 0 and {into} "
+                   "carries both")
     a = c.alpha.to_dict()
     out.append("")
     if a["fitted"]:

@@ -119,7 +119,7 @@ def plot_residuals(steps: pd.DataFrame, y: np.ndarray, pred: np.ndarray, table: 
     for ax, dim in zip(axes[:, 0], dims):
         t = table[table["dimension"] == dim]
         colours = ["tab:red" if h else "tab:blue" for h in t["hotspot"]]
-        ax.barh(t["bucket"], t["mape"] * 100, color=colours)
+        ax.barh([f"{b} (n={n})" for b, n in zip(t["bucket"], t["steps"])], t["mape"] * 100, color=colours)
         ax.axvline(HOTSPOT_MAPE * 100, color="grey", ls="--", lw=0.8)
         ax.set_ylabel(dim, fontsize=8)
         ax.tick_params(labelsize=7)

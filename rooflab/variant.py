@@ -1,6 +1,10 @@
 """Model variants: named lists of terms (coefficient × feature column) that the fit estimates.
 
 A variant is one small declaration; the fitting, health and residual code work on any of them.
+Declaration order matters in one case: when two prior-free terms have proportional columns in the data
+(the per-step constant and β_L·L when all steps share one layer count), the fit cannot tell them apart,
+so the later-declared, more specific term takes the shared effect and the earlier one is held at 0 —
+reported as a tie, never decided silently by the solver.
 ``roofline7`` is exactly SPEC §1; ``roofline7+layers`` adds a per-layer overhead term β_L·L, which the
 seed folded into β7 and which cross-model transfer may need.
 """

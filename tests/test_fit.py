@@ -158,3 +158,37 @@ def test_calibrate_holds_out_validation_runs_and_routes_saturation(steps):
     assert set(c.accuracy) == {"train", "validation", "saturated"}
     assert c.accuracy["validation"]["mape"] < 0.06
     assert "run10" not in c.beta.runs
+
+
+def test_proportional_prior_free_terms_are_tied_explicitly():
+    """One layer count in the data: β7 and β_layer·L are the same column up to a factor. The fit must not
+    let the solver split them arbitrarily: β7 is held at 0, β_layer carries the effect, and it says so."""
+    from rooflab.health import check_health
+
+    steps = synthetic_steps(n_runs=6, steps_per_run=300, settings=(("llama-3.1-8b", 1), ("llama-3.1-8b", 2)))
+    truth = np.r_[TRUE_BETA[:6], 320.0, 0.0]  # only a per-step constant, 320 µs = 10 µs × 32 layers
+    steps = with_step_times(steps, truth, variant="roofline7+layers")
+    v = get_variant("roofline7+layers")
+    X = v.design_matrix(featurize(steps))
+    fit = fit_beta(X, steps["step_time_us"], steps["run_id"], v, n_boot=20)
+    assert fit.ties == {"beta7": "beta_layer"}
+    assert fit.beta[6] == 0 and (fit.draws[:, 6] == 0).all()
+    assert fit.beta[7] * 32 == pytest.approx(320, rel=0.1)
+    checks = check_health(fit, X, steps["step_time_us"].to_numpy())
+    assert any(c.check == "proportional terms" and c.status == "warn" for c in checks)
+    assert not any(c.target == "beta7" and c.check == "draws pinned at 0" for c in checks)
+    # with two layer counts the terms separate and nothing is tied
+    mixed = synthetic_steps(n_runs=6, steps_per_run=300, settings=(("llama-3.1-8b", 1), ("llama-3.1-70b", 4)))
+    mixed = with_step_times(mixed, np.r_[TRUE_BETA, 5.0], variant="roofline7+layers")
+    fit2 = fit_beta(v.design_matrix(featurize(mixed)), mixed["step_time_us"], mixed["run_id"], v, n_boot=0)
+    assert fit2.ties == {}
+
+
+def test_route_steps_on_constructed_steps():
+    from rooflab.saturation import route_steps
+
+    steps = pd.DataFrame({"kv_usage": [0.5, 0.951, 0.95, np.nan, 0.2], "preemptions": [0, 0, 0, 2, 1]})
+    r = route_steps(steps)
+    assert r.saturated.tolist() == [False, True, False, True, True]
+    assert r.counts() == {"steps": 5, "unsaturated": 2, "saturated": 3, "saturated_kv_usage": 1,
+                          "saturated_preemption": 2}
