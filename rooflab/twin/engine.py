@@ -125,28 +125,30 @@ class _PrefixCache:
             self.refs[key] += 1
         return revived
 
-    def register(self, req: Request, computed: int, block_size: int, held: int) -> None:
-        """Blocks of the shared prefix this request has computed become cacheable (it holds them)."""
+    def register(self, req: Request, computed: int, block_size: int, held: int) -> int:
+        """Full blocks of the shared prefix this request has computed become cacheable: ownership moves
+        from the request to the cache (the request keeps a reference). Registration stays contiguous from
+        block 0; a block another request registered first stays the request's own. Returns the new
+        number of held (referenced) prefix blocks."""
         if not req.prefix_group:
-            return
+            return held
         full = min(computed, req.prefix_tokens) // block_size
-        for i in range(held, full):
-            key = (req.prefix_group, i)
-            if key not in self.refs:
-                self.refs[key] = 1
+        while held < full and (req.prefix_group, held) not in self.refs:
+            self.refs[(req.prefix_group, held)] = 1
+            held += 1
+        return held
 
     def release(self, req: Request, held: int) -> int:
-        """Drop the request's references to its first ``held`` prefix blocks; returns blocks that are
-        now owned only by the cache (resident, evictable)."""
-        cached = 0
+        """Drop the request's references to its first ``held`` prefix blocks; returns how many are now
+        unreferenced (resident, evictable — they count as free)."""
+        unreferenced = 0
         for i in range(held):
             key = (req.prefix_group, i)
-            if key in self.refs:
-                self.refs[key] -= 1
-                if self.refs[key] == 0:
-                    self.evictable[key] = None
-                cached += 1
-        return cached
+            self.refs[key] -= 1
+            if self.refs[key] == 0:
+                self.evictable[key] = None
+                unreferenced += 1
+        return unreferenced
 
     def evict(self, n: int) -> int:
         done = 0
@@ -610,8 +612,8 @@ class Engine:
         self.computed[:n] += sched
         if self.prefix is not None:
             for k in pf_idx:
-                self.prefix.register(self.reqs[k], int(self.computed[k]), self.config.block_size,
-                                     int(self.prefix_held[k]))
+                self.prefix_held[k] = self.prefix.register(self.reqs[k], int(self.computed[k]),
+                                                           self.config.block_size, int(self.prefix_held[k]))
         self.out[:n] += completes
         self.total[:n] += completes
         out_n = self.out[:n]
