@@ -132,6 +132,53 @@ def hardware_list():
               f"link {h.nvlink_gb_s_per_direction:g} GB/s/dir  {h.memory_gb:g} GB")
 
 
+twin_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                       help="The twin: a simulated vLLM server (stand-in for a GPU).")
+app.add_typer(twin_app, name="twin")
+
+
+@twin_app.command("serve")
+def twin_serve(
+    model: str = typer.Option(..., help="model config name (rooflab models) or a HF model directory"),
+    hardware: str = typer.Option("H100-SXM", help="GPU datasheet (rooflab hardware)"),
+    tp: int = typer.Option(1, help="tensor-parallel degree"),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    accel: float = typer.Option(1.0, help="time acceleration: simulated seconds per wall-clock second"),
+    trace: Optional[Path] = typer.Option(None, help="write instrumented-vLLM OTEL JSONL traces here"),
+    max_num_seqs: int = typer.Option(256),
+    max_num_batched_tokens: int = typer.Option(2048),
+    max_model_len: int = typer.Option(4096),
+    gpu_memory_utilization: float = typer.Option(0.9),
+    enable_prefix_caching: bool = typer.Option(False),
+    num_gpu_blocks: Optional[int] = typer.Option(None, help="override the KV-cache size in blocks"),
+    served_model_name: Optional[str] = typer.Option(None),
+    seed: int = typer.Option(0),
+):
+    """Serve the OpenAI-compatible API of a simulated vLLM (prints the tokenizer directory to use)."""
+    import uvicorn
+
+    from rooflab.twin.engine import EngineConfig
+    from rooflab.twin.server import build_server, create_app
+
+    cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                       max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+                       enable_prefix_caching=enable_prefix_caching, num_gpu_blocks=num_gpu_blocks)
+    server = build_server(model, hardware, tp, accel=accel, trace_path=trace, seed=seed,
+                          served_model_name=served_model_name, engine_config=cfg)
+    print(f"twin: {server.model_name} TP{tp} on {hardware}, {server.engine.num_blocks} KV blocks, "
+          f"accel {accel:g}x, tokenizer {server.tok.path}", flush=True)
+    uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+
+
+@twin_app.command("tokenizer")
+def twin_tokenizer():
+    """Build (if needed) and print the twin's local tokenizer directory (for inference-perf)."""
+    from rooflab.twin.tokenizer import ensure_tokenizer
+
+    print(ensure_tokenizer())
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
