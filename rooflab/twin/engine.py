@@ -275,14 +275,15 @@ class Engine:
         return True
 
     def _remove(self, idx: list[int]) -> None:
+        """Remove running requests at ``idx`` (ascending), keeping the order of the others."""
         n = len(self.reqs)
-        keep = np.ones(n, bool)
-        keep[idx] = False
-        m = int(keep.sum())
-        for a in (self.computed, self.total, self.prompt, self.out, self.stop_at, self.blocks, self.prefix_held):
-            a[:m] = a[:n][keep]
-        drop = set(idx)
-        self.reqs = [r for k, r in enumerate(self.reqs) if k not in drop]
+        arrays = (self.computed, self.total, self.prompt, self.out, self.stop_at, self.blocks, self.prefix_held)
+        for k in reversed(idx):
+            if k < n - 1:
+                for a in arrays:
+                    a[k:n - 1] = a[k + 1:n]
+            del self.reqs[k]
+            n -= 1
 
     def _preempt_last(self, now_us: float) -> Request:
         k = len(self.reqs) - 1
@@ -395,19 +396,28 @@ class Engine:
         return sched
 
     # -------------------------------------------------------------------------------------------
-    def _materialize(self) -> None:
-        """Apply the decode-clock lag to the arrays (every running request decoded ``lag`` times)."""
+    def _materialize(self, keep_fast: bool = False) -> None:
+        """Apply the decode-clock lag to the arrays (every running request decoded ``lag`` times).
+        With ``keep_fast`` the O(1) bookkeeping is shifted to lag 0 instead of being dropped."""
         L = self.lag
         if L:
             n = len(self.reqs)
             c0 = self.computed[:n]
             bs = self.config.block_size
-            self.blocks[:n] += np.floor((c0 + L - 1) / bs) - np.floor((c0 - 1) / bs)
             c0 += L
+            # between steps a request holds exactly the blocks its computed tokens fill (shared prefix
+            # blocks included), so the lazily allocated ones need no separate bookkeeping
+            np.ceil(c0 / bs, out=self.blocks[:n])
             self.total[:n] += L
             self.out[:n] += L
             self.lag = 0
-        self.fast_ready = False
+            if keep_fast:
+                r = self.residues
+                self.residues = [r[(i - L) % bs] for i in range(bs)]
+                self.ctx_sum += n * L
+                self.finish_lag -= L
+        if not keep_fast:
+            self.fast_ready = False
 
     def _prepare_fast(self) -> bool:
         """Check that every running request decodes and set up the O(1) bookkeeping."""
@@ -457,10 +467,13 @@ class Engine:
         for _ in new:
             self.waiting.popleft()
         contexts = self.computed[:n] + L
-        prefills = [(t, 0) for _, t, _ in new]
+        if new:
+            prefills = [(t, 0) for _, t, _ in new]
+            pf_tok = float(sum(t for _, t, _ in new))
+            pairs = float(sum(t * (t + 1) / 2 for _, t, _ in new))
+        else:
+            prefills, pf_tok, pairs = [], 0.0, 0.0
         duration = float(self.timer.step_time_us(contexts, prefills, n + len(new)))
-        pf_tok = float(sum(t for _, t, _ in new))
-        pairs = float(sum(t * (t + 1) / 2 for _, t, _ in new))
         aggregates = (float(len(new)), pf_tok, 0.0, pairs, float(len(new)), float(n), self.ctx_sum + n * L,
                       1.0 - self.free_blocks / self.num_blocks, 0.0, float(n + len(new)), float(len(self.waiting)))
         end = now_us + duration
@@ -474,8 +487,7 @@ class Engine:
             c0 = tokens - L1  # stored so that stored + lag == true value
             self.computed[k], self.total[k], self.out[k] = c0, tokens + 1 - L1, out_after - L1
             self.prompt[k], self.stop_at[k], self.prefix_held[k] = req.prompt_tokens, stop, 0
-            # materialization adds block crossings over lags [0, lag): pre-subtract the ones before admission
-            self.blocks[k] = nb - (math.floor((c0 + L) / bs) - math.floor((c0 - 1) / bs))
+            self.blocks[k] = nb
             self.residues[int(c0 % bs)] += 1
             self.ctx_sum += c0
             self.finish_lag = min(self.finish_lag, stop - (out_after - L1), self.max_model_len - (tokens + 1 - L1))
@@ -491,7 +503,7 @@ class Engine:
                                                   req.prompt_tokens, 1, tokens, req.preemptions))
         finished = []
         if L1 >= self.finish_lag:
-            self._materialize()
+            self._materialize(keep_fast=True)
             m = len(self.reqs)
             done = (self.out[:m] >= self.stop_at[:m]) | (self.total[:m] >= self.max_model_len)
             idx = np.flatnonzero(done).tolist()
@@ -502,7 +514,13 @@ class Engine:
                 self._finish(req, end, "length" if (req.output_tokens >= req.max_tokens or req.ignore_eos
                                                     or self.total[k] >= self.max_model_len) else "stop")
                 self._free(k)
+                c = self.computed[k]
+                self.residues[int(c % bs)] -= 1
+                self.ctx_sum -= c
             self._remove(idx)
+            m = len(self.reqs)
+            self.finish_lag = (int(min((self.stop_at[:m] - self.out[:m]).min(),
+                                       (self.max_model_len - self.total[:m]).min())) if m else 1 << 60)
         out = StepOutcome(self.step_id, duration, [], finished, [], None, aggregates)
         self.step_id += 1
         return out

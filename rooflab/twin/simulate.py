@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
+from rooflab.errors import InputError
 from rooflab.tables import validate_requests, validate_steps
 from rooflab.twin import records as R
 from rooflab.twin.engine import Engine, Request
@@ -81,7 +82,10 @@ def simulate(engine: Engine, requests: list[Request], *, overheads: RequestOverh
     while True:
         while heap and heap[0][0] <= now:
             q, _, req = heapq.heappop(heap)
-            engine.add_request(req, q)
+            try:
+                engine.add_request(req, q)
+            except InputError:  # what vLLM answers with HTTP 400: the request fails, the run goes on
+                req.status = "rejected"
         if not engine.has_work:
             if not heap:
                 break
