@@ -423,7 +423,8 @@ class Engine:
         """Check that every running request decodes and set up the O(1) bookkeeping."""
         n = len(self.reqs)
         c = self.computed[:n]
-        if n > self.config.max_num_batched_tokens or np.any(self.total[:n] - c != 1):
+        # decoding = exactly one token to compute AND past the prompt (a prefill's 1-token last chunk is not)
+        if n > self.config.max_num_batched_tokens or np.any(self.total[:n] - c != 1) or np.any(c < self.prompt[:n]):
             return False
         bs = self.config.block_size
         self.residues = np.bincount((c % bs).astype(np.int64), minlength=bs).tolist()
@@ -575,7 +576,8 @@ class Engine:
                     return out
         self._materialize()
         if (not self.waiting and not self.record_steps and 0 < n <= self.config.max_num_batched_tokens
-                and not np.any(self.total[:n] - self.computed[:n] != 1)):
+                and not np.any(self.total[:n] - self.computed[:n] != 1)
+                and not np.any(self.computed[:n] < self.prompt[:n])):
             out = self._decode_only_step(now_us)
             if out is not None:
                 return out
