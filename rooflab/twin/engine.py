@@ -207,6 +207,7 @@ class Engine:
         self.blocks = np.zeros(cap)  # KV blocks held
         self.prefix_held = np.zeros(cap)  # of which shared prefix blocks (prefix caching)
         self.step_id = 0
+        self.finished_since_last_step = 0  # the fork's batch.num_finished: finishes since the previous step
         self.events: list[R.RequestEvent] = []  # journey events, drained by the caller (traces)
 
     # -------------------------------------------------------------------------------------------
@@ -289,12 +290,13 @@ class Engine:
         k = len(self.reqs) - 1
         req = self.reqs[k]
         req.output_tokens = int(self.out[k])
+        computed_before = int(self.computed[k])  # the fork reports progress from before the reset
         self._free(k)
         self.reqs.pop()
         req.preemptions += 1
         self.waiting.appendleft(req)
         self.events.append(R.RequestEvent(req.request_id, R.PREEMPTED, int(now_us * 1000), self.step_id,
-                                          req.prompt_tokens, req.output_tokens, 0, req.preemptions))
+                                          req.prompt_tokens, req.output_tokens, computed_before, req.preemptions))
         return req
 
     def _finish(self, req: Request, now_us: float, status: str) -> None:
@@ -522,6 +524,7 @@ class Engine:
             m = len(self.reqs)
             self.finish_lag = (int(min((self.stop_at[:m] - self.out[:m]).min(),
                                        (self.max_model_len - self.total[:m]).min())) if m else 1 << 60)
+        self.finished_since_last_step = len(finished)
         out = StepOutcome(self.step_id, duration, [], finished, [], None, aggregates)
         self.step_id += 1
         return out
@@ -560,6 +563,7 @@ class Engine:
                                                     or self.total[k] >= self.max_model_len) else "stop")
                 self._free(k)
             self._remove(finished_idx)
+        self.finished_since_last_step = len(finished)
         out = StepOutcome(self.step_id, duration, tokens, finished, [], None, aggregates)
         self.step_id += 1
         return out
@@ -623,7 +627,8 @@ class Engine:
             cpu = self.timer.scheduler_cpu_us(n_sched)
             record = R.StepRecord(self.step_id, int(now_us * 1000), int((now_us + cpu) * 1000), int(cpu),
                                   running_depth, len(self.waiting), len(pf_idx), int(is_dec.sum()),
-                                  int(sched.sum()), int(pf_tok), int(is_dec.sum()), 0, len(preempted),
+                                  int(sched.sum()), int(pf_tok), int(is_dec.sum()), self.finished_since_last_step,
+                                  len(preempted),
                                   self.kv_usage, self.num_blocks, self.free_blocks, entries,
                                   [r.request_id for r in preempted])
 
@@ -664,8 +669,7 @@ class Engine:
             for k in finished_idx:
                 self._free(k)
             self._remove(finished_idx)
-        if record is not None:
-            record.num_finished = len(finished)
+        self.finished_since_last_step = len(finished)
         out = StepOutcome(self.step_id, duration, tokens, finished, preempted, record, aggregates)
         self.step_id += 1
         return out

@@ -149,7 +149,7 @@ class TraceWriter:
         self._rng = random.Random(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
         self._resource = _resource(service_name)
         self._lock = threading.Lock()
-        self._fh = open(self.path, "a" if append else "w", encoding="utf-8")
+        self._fh = open(self.path, "ab" if append else "wb")
         self._closed = False
         # scheduler_steps span state
         self._span_seq = 0
@@ -162,10 +162,10 @@ class TraceWriter:
         self._emitted_since_closure = False
         self._last_step_id = 0
         # per-request state for snapshots
-        self._rid_json: dict[str, str] = {}
+        self._snap_prefix: dict[str, dict] = {}
         self._npreempt: dict[str, int] = {}
         # ended spans waiting for export, by scope
-        self._pending: dict[str, list[str]] = {SCOPE_API: [], SCOPE_CORE: [], SCOPE_STEP: []}
+        self._pending: dict[str, list] = {SCOPE_API: [], SCOPE_CORE: [], SCOPE_STEP: []}
         self._n_pending = 0
         self.lines_written = 0
         self.spans_written = 0
@@ -201,6 +201,8 @@ class TraceWriter:
             sampled = self.sample_rate >= 1.0 or self._rng.random() < self.sample_rate
             if sampled:
                 ev = self._span_events
+                if ev:
+                    ev.append(",")
                 ev.append(
                     f'{{"timeUnixNano":"{t_emit}","name":"step.BATCH_SUMMARY","attributes":['
                     f'{{"key":"step.id","value":{{"intValue":"{sid}"}}}},'
@@ -221,6 +223,7 @@ class TraceWriter:
                     f'{{"key":"kv.blocks_free_gpu","value":{{"intValue":"{int(record.kv_blocks_free)}"}}}}]}}')
                 if record.entries and (self.rich_subsample_rate >= 1.0
                                        or self._rng.random() < self.rich_subsample_rate):
+                    ev.append(",")
                     ev.append(self._snapshots(record, sid, t_emit))
                 self._emitted_since_closure = True
             self._span_last_ns = t_emit
@@ -232,21 +235,25 @@ class TraceWriter:
                 self._emitted_since_closure = False
 
     def _snapshots(self, record: StepRecord, sid: int, t_emit: int) -> str:
-        rid_json, npre, bs1 = self._rid_json, self._npreempt, self.block_size - 1
-        bs = self.block_size
+        pre, npre = self._snap_prefix, self._npreempt
+        bs1, bs = self.block_size - 1, self.block_size
+        frag = {}  # request id -> its constant attributes up to num_computed_tokens' value
         for e in record.entries:
-            if e.request_id not in rid_json:
-                rid_json[e.request_id] = json.dumps(str(e.request_id))
+            key = (e.num_output_tokens == 0, e.num_prompt_tokens)
+            mine = pre.setdefault(e.request_id, {})
+            if key not in mine:
+                mine[key] = (f'{json.dumps(str(e.request_id))}}}}},'
+                             f'{{"key":"request.phase","value":{{"stringValue":"{"PREFILL" if key[0] else "DECODE"}"}}}},'
+                             f'{{"key":"request.num_prompt_tokens","value":{{"intValue":"{e.num_prompt_tokens}"}}}},'
+                             f'{{"key":"request.num_computed_tokens","value":{{"intValue":"')
+            frag[e.request_id] = mine[key]
         head = (f'{{"timeUnixNano":"{t_emit}","name":"step.REQUEST_SNAPSHOT","attributes":['
                 f'{{"key":"step.id","value":{{"intValue":"{sid}"}}}},'
                 f'{{"key":"request.id","value":{{"stringValue":')
         return ",".join([
-            f'{head}{rid_json[e.request_id]}}}}},'
-            f'{{"key":"request.phase","value":{{"stringValue":"{"DECODE" if e.num_output_tokens else "PREFILL"}"}}}},'
-            f'{{"key":"request.num_prompt_tokens","value":{{"intValue":"{e.num_prompt_tokens}"}}}},'
-            f'{{"key":"request.num_computed_tokens","value":{{"intValue":"{e.num_computed_tokens}"}}}},'
+            f'{head}{frag[e.request_id]}{e.num_computed_tokens}"}}}},'
             f'{{"key":"request.num_output_tokens","value":{{"intValue":"{e.num_output_tokens}"}}}},'
-            f'{{"key":"request.num_preemptions","value":{{"intValue":"{npre.get(e.request_id, 0)}"}}}},'
+            f'{{"key":"request.num_preemptions","value":{{"intValue":"{npre.get(e.request_id, 0) if npre else 0}"}}}},'
             f'{{"key":"request.scheduled_tokens_this_step","value":{{"intValue":"{e.scheduled_tokens}"}}}},'
             f'{{"key":"kv.blocks_allocated_gpu","value":{{"intValue":"{(e.num_computed_tokens + e.scheduled_tokens + bs1) // bs}"}}}},'
             f'{{"key":"kv.blocks_cached_gpu","value":{{"intValue":"0"}}}}]}}'
@@ -268,13 +275,15 @@ class TraceWriter:
                           _attr("scheduler.step_range_start", self._span_range_start),
                           _attr("scheduler.closure_interval", self.closure_interval),
                           _attr("scheduler.step_range_end", self._last_step_id)])
-        span = (f'{{"traceId":"{self._trace_id()}","spanId":"{self._span_id()}",'
+        head = (f'{{"traceId":"{self._trace_id()}","spanId":"{self._span_id()}",'
                 f'"name":"scheduler_steps_{seq}","kind":{KIND_INTERNAL},'
                 f'"startTimeUnixNano":"{self._span_start_ns}","endTimeUnixNano":"{self._span_last_ns}",'
-                f'"attributes":[{attrs}],"events":[' + ",".join(self._span_events) + '],"status":{}}')
+                f'"attributes":[{attrs}],"events":[')
+        self._span_events.insert(0, head)
+        self._span_events.append('],"status":{}}')
+        self._add_pending(SCOPE_STEP, self._span_events)
         self._span_open = False
         self._span_events = []
-        self._add_pending(SCOPE_STEP, span)
         self._export()
 
     # -- requests -----------------------------------------------------------------------------------
@@ -287,8 +296,8 @@ class TraceWriter:
             self._check_open()
             for rid, evs in by_rid.items():
                 self._write_one_request(rid, sorted(evs, key=lambda e: e.ts_ns))
-                self._rid_json.pop(rid, None)
                 self._npreempt.pop(rid, None)
+                self._snap_prefix.pop(rid, None)
             if self._n_pending >= self.max_export_batch_size:
                 self._export()
 
@@ -343,24 +352,43 @@ class TraceWriter:
                 + ",".join(out) + '],"status":{}}'))
 
     # -- export -------------------------------------------------------------------------------------
-    def _add_pending(self, scope: str, span: str) -> None:
+    def _add_pending(self, scope: str, span: str | list[str]) -> None:
         self._pending[scope].append(span)
         self._n_pending += 1
 
     def _export(self) -> None:
+        """Write every pending span as one OTLP export line: one join, one write, one flush."""
         if not self._n_pending:
             return
         p = self._pending
-        resources = []
+        parts: list[str] = ['{"resourceSpans":[']
+
+        def add_spans(spans):
+            for i, sp in enumerate(spans):
+                if i:
+                    parts.append(",")
+                if isinstance(sp, list):
+                    parts.extend(sp)
+                else:
+                    parts.append(sp)
+
         if p[SCOPE_API]:
-            resources.append('{"resource":' + self._resource + ',"scopeSpans":[{"scope":{"name":"vllm.api"},"spans":['
-                             + ",".join(p[SCOPE_API]) + "]}]}")
-        engine_scopes = [f'{{"scope":{{"name":"{s}"}},"spans":[' + ",".join(p[s]) + "]}"
-                         for s in (SCOPE_CORE, SCOPE_STEP) if p[s]]
-        if engine_scopes:
-            resources.append('{"resource":' + self._resource + ',"scopeSpans":[' + ",".join(engine_scopes) + "]}")
-        line = '{"resourceSpans":[' + ",".join(resources) + "]}\n"
-        self._fh.write(line)
+            parts.append('{"resource":' + self._resource + ',"scopeSpans":[{"scope":{"name":"vllm.api"},"spans":[')
+            add_spans(p[SCOPE_API])
+            parts.append("]}]}")
+        engine = [s for s in (SCOPE_CORE, SCOPE_STEP) if p[s]]
+        if engine:
+            if p[SCOPE_API]:
+                parts.append(",")
+            parts.append('{"resource":' + self._resource + ',"scopeSpans":[')
+            for i, scope in enumerate(engine):
+                parts.append(('{"scope":{"name":"%s"},"spans":[' if i == 0 else ',{"scope":{"name":"%s"},"spans":[')
+                             % scope)
+                add_spans(p[scope])
+                parts.append("]}")
+            parts.append("]}")
+        parts.append("]}\n")
+        self._fh.write("".join(parts).encode("utf-8"))
         self._fh.flush()
         self.lines_written += 1
         self.spans_written += self._n_pending

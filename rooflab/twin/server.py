@@ -96,7 +96,7 @@ class TwinServer:
                 pass
             self.task = None
         if self.trace is not None:
-            self.trace.flush()
+            self.trace.close()  # closes the open step span and exports everything pending
 
     async def _run(self) -> None:
         eng = self.engine
