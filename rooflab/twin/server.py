@@ -107,6 +107,8 @@ class TwinServer:
                 if not live.done:
                     eng.add_request(live.req, q)
             if not eng.has_work:
+                if self.trace is not None:
+                    self.trace.flush()  # like an exporter's flush: idle engine, nothing more to batch
                 self.wake.clear()
                 if self.pending:
                     nxt = self.pending[0][0]
@@ -179,9 +181,11 @@ class TwinServer:
         self.counters["success"][status] = self.counters["success"].get(status, 0) + 1
         if not math.isnan(req.first_token_us):
             self.ttft.append((req.first_token_us - req.arrival_us) / 1e6)
+        self.live.pop(req.request_id, None)
         if self.trace is not None:
             self.trace.write_request(live.events)
-        self.live.pop(req.request_id, None)
+            if not self.live:
+                self.trace.flush()  # the last response is out: a run's window ends with its spans on disk
 
     def metrics_text(self) -> str:
         m = f'model_name="{self.model_name}"'

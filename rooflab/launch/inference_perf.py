@@ -1,0 +1,118 @@
+"""The inference-perf launcher: the real benchmark client against an endpoint.
+
+Renders the point's config, checks it against inference-perf's own schema, runs ``inference-perf -c`` as
+a subprocess in its own process group with a wall-clock timeout (a polling loop, so a cancel or timeout
+always kills the whole group), captures its log, reads its reports, and fails the run when requests
+failed or were dropped (inference-perf exits 0 even then). Then it drains the server and ingests the
+server's traces for the run's window into step and request tables (server clock only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rooflab.launch import RunResult
+from rooflab.launch.endpoints import EndpointPool
+from rooflab.store import RunDir
+from rooflab.sweep import SweepPoint
+
+
+def inference_perf_binary() -> str:
+    local = Path(sys.executable).with_name("inference-perf")
+    return str(local) if local.exists() else "inference-perf"
+
+
+def run_subprocess(cmd: list[str], log_path: Path, timeout_s: float, cwd: Path | None = None) -> int | None:
+    """Run ``cmd`` in its own process group; None on timeout. Always leaves no child behind."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(0.2)
+            return proc.returncode
+        finally:
+            if proc.poll() is None:
+                for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+                    try:
+                        os.killpg(proc.pid, sig)
+                        proc.wait(timeout=wait)
+                        break
+                    except ProcessLookupError:
+                        break
+                    except subprocess.TimeoutExpired:
+                        continue
+
+
+class InferencePerfLauncher:
+    name = "inference-perf"
+
+    def __init__(self, pool: EndpointPool, *, timeout_s: float = 1800.0, drain_timeout_s: float = 300.0):
+        self.pool, self.timeout_s, self.drain_timeout_s = pool, timeout_s, drain_timeout_s
+
+    def run(self, point: SweepPoint, rd: RunDir) -> RunResult:
+        from rooflab.adapters.otel import read_otel_traces
+        from rooflab.workloads import render_config, write_config
+
+        ep = self.pool.get(point)
+        with ep.lock if hasattr(ep, "lock") else _nullcontext():
+            out_dir = rd.path / "inference-perf"
+            cfg = render_config(point, base_url=ep.base_url, model_name=ep.model_name, tokenizer_dir=ep.tokenizer_dir,
+                                output_dir=str(out_dir))
+            write_config(cfg, rd.path / "config.yaml")
+            mark = ep.trace_mark()
+            rc = run_subprocess([inference_perf_binary(), "-c", str(rd.path / "config.yaml")],
+                                rd.path / "logs" / "inference-perf.log", self.timeout_s, cwd=rd.path)
+            engine = {"kind": "endpoint", "base_url": ep.base_url}
+            if rc is None:
+                return RunResult("failed", f"inference-perf timed out after {self.timeout_s:g} s", engine=engine,
+                                 transient=True)
+            if rc != 0:
+                return RunResult("failed", f"inference-perf exited with code {rc} (see logs/inference-perf.log)",
+                                 engine=engine, transient=True)
+            summary_path = out_dir / "summary_lifecycle_metrics.json"
+            if not summary_path.is_file():
+                return RunResult("failed", "inference-perf wrote no summary_lifecycle_metrics.json", engine=engine)
+            summary = json.loads(summary_path.read_text())
+            ok = int(summary.get("successes", {}).get("count", 0))
+            failed = int(summary.get("failures", {}).get("count", 0))
+            expected = point.n_requests
+            ip = {"successes": ok, "failures": failed, "expected": expected}
+            ep.drain(self.drain_timeout_s)
+            n_bytes = ep.copy_traces(mark, rd.path / "traces" / "traces.jsonl")
+        if failed:
+            return RunResult("failed", f"{failed} of {ok + failed} requests failed (inference-perf exits 0 regardless)",
+                             engine=engine, extra={"inference_perf": ip})
+        if ok < expected:
+            return RunResult("failed", f"only {ok} of {expected} requests were sent or completed (dropped: "
+                             "prompt too long for the tokenizer, or the stage ended early)", engine=engine,
+                             extra={"inference_perf": ip})
+        if n_bytes == 0:
+            return RunResult("failed", "the server wrote no traces for this run", engine=engine,
+                             extra={"inference_perf": ip})
+        tables = read_otel_traces(rd.path / "traces" / "traces.jsonl", run_id=rd.run_id, model=point.model,
+                                  tp=point.tp, hardware=point.hardware,
+                                  max_num_batched_tokens=dict(point.engine).get("max_num_batched_tokens"))
+        req = tables.requests
+        span = (req["departed_us"].max() - req["arrived_us"].min()) / 1e6 if len(req) else 0.0
+        if len(req) != ok:
+            ip["trace_requests"] = len(req)
+        return RunResult("ok", steps=tables.steps, requests=req, gpu_seconds=float(span) * point.tp, engine=engine,
+                         extra={"inference_perf": ip, "ingest": tables.report})
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
