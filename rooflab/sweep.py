@@ -35,7 +35,8 @@ class SweepPoint:
 
     @property
     def n_requests(self) -> int:
-        return max(1, int(round(float(self.param("rate")) * self.duration_s)))
+        """Requests the stage sends: inference-perf truncates rate × duration."""
+        return max(1, int(float(self.param("rate")) * self.duration_s))
 
     @property
     def key(self) -> str:
