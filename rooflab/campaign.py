@@ -462,6 +462,11 @@ def parse_campaign(doc, *, source: str = "<campaign>") -> Campaign:
         max_retries=r.integer(col.get("max_retries", Collection.max_retries), "collection.max_retries", lo=0),
         timeout_s=r.number(col.get("timeout_s", Collection.timeout_s), "collection.timeout_s"))
     endpoint = _endpoint(r, doc.get("endpoint"))
+    if endpoint.kind == "twin":  # inference-perf's stage durations are whole seconds of wall time
+        wall = float(duration) / endpoint.accel
+        if wall < 1 or abs(wall - round(wall)) > 1e-9:
+            raise r.err("endpoint.accel", f"duration_s / accel = {float(duration):g} / {endpoint.accel:g} must be a "
+                        "whole number of seconds >= 1 (inference-perf stage durations are integers)")
 
     campaign = Campaign(name=name, source=source, hardware=default_hw.name, combos=combos, families=families,
                         validation_points=validation_points, duration_s=float(duration), replicates=replicates,

@@ -132,6 +132,81 @@ def hardware_list():
               f"link {h.nvlink_gb_s_per_direction:g} GB/s/dir  {h.memory_gb:g} GB")
 
 
+@app.command()
+def collect(
+    campaign: str = typer.Option(..., help="campaign config (path, or a name under configs/campaigns)"),
+    design: str = typer.Option("static99", help="a design of the campaign (static99, candidates, or one it names) "
+                                                "or a YAML/JSON file with a list of points"),
+    store: Path = typer.Option(Path("store"), help="the data store folder"),
+    launcher: str = typer.Option("inference-perf", help="inference-perf (real client against the campaign's "
+                                                        "endpoint) | direct (twin fast mode, no HTTP)"),
+    replicates: Optional[int] = typer.Option(None, help="override the campaign's replicates"),
+    concurrency: Optional[int] = typer.Option(None, help="override collection.concurrency"),
+    max_retries: Optional[int] = typer.Option(None, help="override collection.max_retries"),
+    limit: Optional[int] = typer.Option(None, help="only the first N points of the design"),
+    direct_traces: bool = typer.Option(False, help="direct launcher: also write OTEL traces (slower)"),
+):
+    """Run a design's sweep points into the data store. Resumable: run the same command again."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from rooflab.campaign import load_campaign
+    from rooflab.collect import collect as run_collect
+    from rooflab.launch.factory import close_launcher, make_launcher
+    from rooflab.store import Store
+
+    camp = load_campaign(campaign)
+    points = _design_points(camp, design)
+    if limit is not None:
+        points = points[:limit]
+    st = Store(store)
+    lau = make_launcher(camp, launcher, st.root, direct_traces=direct_traces)
+    reps = replicates or camp.replicates
+    total = len(points) * reps
+    print(f"campaign {camp.name}: design {design}, {len(points)} points x {reps} replicate(s) = {total} runs, "
+          f"store {st.root}, launcher {launcher}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), transient=False) as bar:
+        task = bar.add_task("runs", total=total)
+
+        def show(p):
+            bar.update(task, completed=p.done + p.skipped + p.failed,
+                       description=f"done {p.done} (+{p.skipped} already) failed {p.failed} remaining {p.remaining} "
+                                   f"GPU-h {p.gpu_seconds / 3600:.3f}")
+        try:
+            prog = run_collect(st, lau, camp.name, points, replicates=reps,
+                               concurrency=concurrency or camp.collection.concurrency,
+                               max_retries=max_retries or camp.collection.max_retries, on_progress=show)
+        finally:
+            close_launcher(lau)
+    failed = [m for m in st.manifests() if m["campaign"] == camp.name and m["status"] == "failed"]
+    for m in failed[:10]:
+        print(f"failed: {m['run_id']} {m['point']['family']} {m['model']} tp{m['tp']}: {m['reason']}")
+    print(f"collected {prog.done}, already complete {prog.skipped}, failed {prog.failed}; "
+          f"store holds {st.gpu_seconds(campaign=camp.name) / 3600:.3f} GPU-hours for {camp.name}")
+    if prog.failed:
+        raise typer.Exit(1)
+
+
+def _design_points(camp, design: str):
+    p = Path(design)
+    if p.suffix in (".yaml", ".yml", ".json") and p.is_file():
+        import yaml
+
+        from rooflab.sweep import SweepPoint
+
+        try:
+            doc = yaml.safe_load(p.read_text())
+        except yaml.YAMLError:
+            raise InputError(p, None, "malformed YAML/JSON") from None
+        if not isinstance(doc, list) or not all(isinstance(d, dict) for d in doc):
+            raise InputError(p, None, "expected a list of sweep points")
+        try:
+            return [SweepPoint.from_dict(d) for d in doc]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(p, str(exc).strip("'"), "bad sweep point") from None
+    return camp.design(design)
+
+
 twin_app = typer.Typer(add_completion=False, no_args_is_help=True,
                        help="The twin: a simulated vLLM server (stand-in for a GPU).")
 app.add_typer(twin_app, name="twin")

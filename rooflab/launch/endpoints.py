@@ -53,6 +53,7 @@ class Endpoint:
     trace_path: Path | None
     tokenizer_dir: str
     model_name: str
+    time_scale: float = 1.0  # simulated seconds per wall second (the twin's --accel; 1 for a real server)
 
     def start(self) -> None: ...
 
@@ -101,8 +102,9 @@ class ExternalEndpoint(Endpoint):
 class CommandEndpoint(Endpoint):
     def __init__(self, template: list[str], *, model: str, tp: int, hardware: str, workdir: str | Path,
                  tokenizer_dir: str, model_name: str | None = None, health_timeout_s: float = 180.0,
-                 env: dict | None = None):
+                 env: dict | None = None, time_scale: float = 1.0):
         self.template, self.model, self.tp, self.hardware = list(template), model, tp, hardware
+        self.time_scale = float(time_scale)
         self.workdir = Path(workdir)
         self.tokenizer_dir = tokenizer_dir
         self.model_name = model_name or model

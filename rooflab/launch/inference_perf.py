@@ -53,6 +53,23 @@ def run_subprocess(cmd: list[str], log_path: Path, timeout_s: float, cwd: Path |
                         continue
 
 
+def client_point(point: SweepPoint, time_scale: float) -> SweepPoint:
+    """The point as the client must send it to a server running ``time_scale``× faster than the wall clock."""
+    if time_scale == 1.0:
+        return point
+    from dataclasses import replace
+
+    from rooflab.errors import InputError
+
+    duration = point.duration_s / time_scale
+    if duration < 1 or abs(duration - round(duration)) > 1e-9:
+        raise InputError(None, "endpoint.accel", f"duration_s / accel = {point.duration_s:g} / {time_scale:g} must be a "
+                         "whole number of seconds >= 1 (inference-perf stage durations are integers)")
+    params = dict(point.params)
+    params["rate"] = float(params["rate"]) * time_scale
+    return replace(point, params=tuple(params.items()), duration_s=float(round(duration)))
+
+
 class InferencePerfLauncher:
     name = "inference-perf"
 
@@ -66,7 +83,10 @@ class InferencePerfLauncher:
         ep = self.pool.get(point)
         with ep.lock if hasattr(ep, "lock") else _nullcontext():
             out_dir = rd.path / "inference-perf"
-            cfg = render_config(point, base_url=ep.base_url, model_name=ep.model_name, tokenizer_dir=ep.tokenizer_dir,
+            # an accelerated server (the twin) runs A simulated seconds per wall second: the client sends the
+            # same requests A times faster, so the server sees the point's workload in simulated time
+            client = client_point(point, ep.time_scale)
+            cfg = render_config(client, base_url=ep.base_url, model_name=ep.model_name, tokenizer_dir=ep.tokenizer_dir,
                                 output_dir=str(out_dir))
             write_config(cfg, rd.path / "config.yaml")
             mark = ep.trace_mark()
@@ -85,8 +105,8 @@ class InferencePerfLauncher:
             summary = json.loads(summary_path.read_text())
             ok = int(summary.get("successes", {}).get("count", 0))
             failed = int(summary.get("failures", {}).get("count", 0))
-            expected = point.n_requests
-            ip = {"successes": ok, "failures": failed, "expected": expected}
+            expected = client.n_requests
+            ip = {"successes": ok, "failures": failed, "expected": expected, "time_scale": ep.time_scale}
             ep.drain(self.drain_timeout_s)
             n_bytes = ep.copy_traces(mark, rd.path / "traces" / "traces.jsonl")
         if failed:
