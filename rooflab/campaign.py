@@ -130,6 +130,8 @@ class Campaign:
         return [self.point(c, f, p) for c in self.combos for f in self.families for p in self.allowed_params(f)]
 
     def design(self, name: str) -> list[SweepPoint]:
+        if name == "candidates" and name not in self.designs:  # built in: the whole candidate space
+            return self.candidates()
         if name not in self.designs:
             raise InputError(self.source, f"designs.{name}", f"no such design (known: {', '.join(self.designs)})")
         spec = self.designs[name]
