@@ -241,13 +241,10 @@ def load_model(name_or_path: str | Path, *, kv_bytes: float | None = None) -> Mo
 
 @lru_cache(maxsize=1)
 def _aliases() -> dict:
-    import yaml
+    from rooflab.files import read_yaml
 
     path = CONFIGS_DIR / "models" / "aliases.yaml"
-    try:
-        doc = yaml.safe_load(path.read_text()) if path.is_file() else {}
-    except yaml.YAMLError:
-        raise InputError(path, None, "malformed YAML") from None
+    doc = read_yaml(path) if path.is_file() else {}
     if not isinstance(doc or {}, dict):
         raise InputError(path, None, "expected a mapping of alias: model folder")
     return {str(k).lower(): str(v) for k, v in (doc or {}).items()}

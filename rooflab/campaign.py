@@ -38,7 +38,6 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from rooflab.arch import CONFIGS_DIR
 from rooflab.errors import InputError
@@ -220,14 +219,9 @@ def load_campaign(path: str | Path) -> Campaign:
     if not p.is_file():
         known = ", ".join(sorted(x.stem for x in CAMPAIGNS_DIR.glob("*.yaml")))
         raise InputError(source, None, f"no such campaign file (shipped campaigns: {known})")
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or "syntax error"
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise InputError(source, None, f"malformed YAML{where}: {problem}") from None
-    return parse_campaign(doc, source=source)
+    from rooflab.files import read_yaml
+
+    return parse_campaign(read_yaml(p), source=source)
 
 
 class _Reader:

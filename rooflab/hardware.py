@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from rooflab.arch import CONFIGS_DIR
 from rooflab.errors import InputError
+from rooflab.files import read_yaml
 
 _FIELDS = ("peak_tflops_bf16", "peak_tflops_fp8", "hbm_tb_s", "nvlink_gb_s_per_direction", "memory_gb")
 
@@ -54,13 +54,7 @@ def load_hardware(name_or_path: str | Path) -> Hardware:
     path = p if p.suffix in (".yaml", ".yml") and p.is_file() else CONFIGS_DIR / "hardware" / f"{name_or_path}.yaml"
     if not path.is_file():
         raise InputError(name_or_path, None, f"no such hardware (known: {', '.join(list_hardware())})")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise InputError(path, None, f"malformed YAML{where}") from None
-    return parse_hardware(doc, source=str(path))
+    return parse_hardware(read_yaml(path), source=str(path))
 
 
 def list_hardware() -> list[str]:

@@ -26,7 +26,6 @@ import copy
 import itertools
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -104,11 +103,9 @@ PLACEHOLDERS = ("input_tokens", "output_tokens", "rate", "duration", "seed", "ba
 
 @lru_cache(maxsize=None)
 def _template(path: Path, mtime: float) -> dict:
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise InputError(path, None, f"malformed YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+    from rooflab.files import read_yaml
+
+    doc = read_yaml(path)
     if not isinstance(doc, dict):
         raise InputError(path, None, "expected a YAML mapping (an inference-perf config)")
     return doc
@@ -303,20 +300,9 @@ def check_corrections(cfg: dict, source: str) -> None:
 
 def write_config(cfg: dict, path: str | Path) -> Path:
     """Write a rendered config as YAML, atomically (temp file in the same folder, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from rooflab.files import atomic_write_text
+
+    return atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False))
 
 
 # ------------------------------------------------------------------------------------------------ twin requests

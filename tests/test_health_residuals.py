@@ -9,7 +9,7 @@ from rooflab.calibration import Options, calibrate
 from rooflab.features import featurize
 from rooflab.fit import fit_beta
 from rooflab.health import FAIL, PASS, check_health, overall
-from rooflab.residuals import HOTSPOT_MAPE, bucket_table, plot_residuals
+from rooflab.residuals import HOTSPOT_MAPE, bucket_table
 from rooflab.variant import get_variant
 from rooflab.synthetic import synthetic_steps, with_step_times
 

@@ -17,7 +17,6 @@ needs_real = pytest.mark.skipif(not REAL.exists(), reason="../shared/data/real n
 
 
 def _records(ids, ts_ms, run="e1"):
-    n = len(ids)
     return pd.DataFrame({"step.id": ids, "step.ts_start_ns": np.array(ts_ms) * 1_000_000, "step.duration_us": 400,
                          "batch.num_prefill_reqs": 0, "batch.num_decode_reqs": 10, "batch.prefill_tokens": 0,
                          "kv.usage_gpu_ratio": 0.1, "kv.blocks_total_gpu": 1000, "batch.num_preempted": 0,

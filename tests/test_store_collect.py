@@ -1,6 +1,5 @@
 """The data store and the collector: idempotent runs, resume, retries, atomic manifests, filters."""
 
-import json
 import threading
 
 import numpy as np
@@ -152,7 +151,7 @@ def test_loading_filters_and_checksums(tmp_path):
 
 def test_manifest_is_written_atomically(tmp_path, monkeypatch):
     """A crash while writing the manifest leaves no manifest (and no temp file counted as one)."""
-    import rooflab.store as st
+    import rooflab.files as st
 
     store = Store(tmp_path)
     p = point(8)

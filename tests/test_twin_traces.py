@@ -3,7 +3,6 @@ adapter that reads the real fork's traces) into exactly the engine's own step an
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from rooflab.adapters.otel import read_otel_traces
 from rooflab.arch import load_model

@@ -143,14 +143,9 @@ def _yaml_mapping(path: Path, *, required: bool) -> dict | None:
         if required:
             raise InputError(path, None, "file not found")
         return None
-    try:
-        doc = yaml.load(path.read_text(), Loader=_YAML_LOADER)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise InputError(path, None, f"malformed YAML{where}") from None
-    except UnicodeDecodeError:
-        raise InputError(path, None, "not UTF-8 text") from None
+    from rooflab.files import read_yaml
+
+    doc = read_yaml(path, loader=_YAML_LOADER)
     if not isinstance(doc, dict):
         raise InputError(path, None, "expected a mapping")
     return doc

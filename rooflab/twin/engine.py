@@ -585,7 +585,6 @@ class Engine:
             out = self._decode_only_step(now_us)
             if out is not None:
                 return out
-        waiting_before = len(self.waiting)
         sched, preempted = self._schedule(now_us)
         n = len(self.reqs)
         active = sched > 0

@@ -395,26 +395,22 @@ class TraceWriter:
         self._pending = {SCOPE_API: [], SCOPE_CORE: [], SCOPE_STEP: []}
         self._n_pending = 0
 
-    def flush(self) -> None:
+    def flush(self, *, close: bool = False) -> None:
         """Export everything recorded so far: closes the current scheduler_steps span (the next step opens
-        a new one, as the fork does at every closure) and writes the pending spans as one line."""
+        a new one, as the fork does at every closure) and writes the pending spans as one line. With
+        ``close`` the file is closed too (the fork's shutdown). Idempotent once closed."""
         with self._lock:
             if self._closed:
                 return
             if self._span_open and self._span_events:
                 self._close_span()
             self._export()
+            if close:
+                self._fh.close()
+                self._closed = True
 
     def close(self) -> None:
-        """Close the scheduler_steps span (like the fork's shutdown), export, close the file. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            if self._span_open and self._span_events:
-                self._close_span()
-            self._export()
-            self._fh.close()
-            self._closed = True
+        self.flush(close=True)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -8,7 +8,6 @@ request tables (rooflab schemas) and, when a trace writer is given, the instrume
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -70,7 +69,6 @@ def simulate(engine: Engine, requests: list[Request], *, overheads: RequestOverh
     heap = []
     for seq, req in enumerate(requests):
         heapq.heappush(heap, (req.arrival_us + overheads.api_overhead_us(), seq, req))
-    by_id = {r.request_id: r for r in requests}
     pending_events: dict[str, list] = {}
     if trace is not None:
         for r in requests:

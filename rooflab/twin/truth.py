@@ -53,7 +53,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from rooflab import arch as _arch
 from rooflab.arch import ModelArch
@@ -142,13 +141,9 @@ def load_twin_config(hardware: str, path: Path | None = None) -> dict[str, dict[
     if not p.is_file():
         raise InputError(p, None, f"no twin config for hardware {hardware!r} "
                                   f"(known: {', '.join(list_twin_hardware()) or 'none'})")
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise InputError(p, None, f"malformed YAML{where}") from None
-    return parse_twin_config(doc, source=str(p))
+    from rooflab.files import read_yaml
+
+    return parse_twin_config(read_yaml(p), source=str(p))
 
 
 # ---------------------------------------------------------------------------------------------------
