@@ -8,7 +8,7 @@ PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python
   "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 SHARED ?= ../shared
 
-.PHONY: run test venv bench clean
+.PHONY: run real test venv bench clean
 
 venv: $(VENV)/.installed
 
@@ -20,8 +20,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
 
-# Until the campaign exists: the real-data fit (H100 step records) with held-out evaluation of both variants.
+# The main job: a default campaign (dense + MoE, TP 1/2) against the twin through the real inference-perf,
+# bootstrap plus targeted iterations, tracked in MLflow. `make run FAST=1` uses the direct launcher.
+RUN_ARGS ?=
 run: venv
+	$(VENV)/bin/rooflab campaign --campaign demo --store store --mlruns mlruns $(if $(FAST),--fast) $(RUN_ARGS)
+
+# The real-data report (H100 step records): fit, health, residuals, held-out evaluation of both variants.
+real: venv
 	$(VENV)/bin/rooflab fit --steps $(SHARED)/data/real/steps/h100_step_records.parquet \
 	  --variant roofline7+layers --evaluate --plots reports/real-h100 --out reports/real-h100/fit.json
 

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from rooflab.errors import InputError
+from rooflab.variant import get_variant
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="rooflab: calibrate corrected-roofline step-time models of vLLM serving.")
@@ -72,10 +73,8 @@ def fit(
     """Fit β (and α) to collected steps, check their health, and diagnose the residuals."""
     from rooflab.adapters import read_requests, read_steps
     from rooflab.calibration import Options, calibrate
-    from rooflab.report import render, render_evaluation
-
-    from rooflab.variant import get_variant
     from rooflab.features import FORMULAS
+    from rooflab.report import render, render_evaluation
 
     get_variant(variant)
     if formulas not in FORMULAS:
@@ -187,6 +186,60 @@ def collect(
         raise typer.Exit(1)
 
 
+@app.command("campaign")
+def campaign_cmd(
+    campaign: str = typer.Option("demo", help="campaign config (path, or a name under configs/campaigns)"),
+    store: Path = typer.Option(Path("store"), help="the data store folder"),
+    mlruns: Path = typer.Option(Path("mlruns"), help="the MLflow store folder (SQLite + artifacts)"),
+    fast: bool = typer.Option(False, "--fast", help="direct launcher (twin fast mode) instead of inference-perf"),
+    batch_size: int = typer.Option(6, help="sweep points per targeted iteration"),
+    max_iterations: int = typer.Option(3, help="iteration cap (bootstrap = iteration 0)"),
+    variant: str = typer.Option("roofline7+layers", help="model variant to fit"),
+    boot: int = typer.Option(100, help="bootstrap draws per fit"),
+):
+    """Run the active-learning campaign (Prefect flow, MLflow tracking) until the stop rule. Resumable."""
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.campaign import campaign_flow
+    from tasks import track
+
+    get_variant(variant)
+    result = campaign_flow(campaign=campaign, store=str(store), mlruns=str(mlruns),
+                           launcher="direct" if fast else "inference-perf", batch_size=batch_size,
+                           max_iterations=max_iterations, variant=variant, n_boot=boot)
+    print()
+    print(f"campaign {result['campaign']}: {result['iterations']} iterations, "
+          f"{result['gpu_hours']:.3f} GPU-hours, stopped: {result['stop_reason']}")
+    table = track.compare(track.client(mlruns), [result["campaign"]])
+    if len(table):
+        print(table.to_string(index=False))
+    print()
+    print(f"open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {track.tracking_uri(mlruns)} --port 5000")
+    print(f"compare campaigns:   .venv/bin/rooflab compare {result['campaign']}")
+
+
+@app.command("serve")
+def serve_cmd(
+    campaign: str = typer.Option("demo", help="campaign config whose schedule and triggers to serve"),
+    store: Path = typer.Option(Path("store")),
+    mlruns: Path = typer.Option(Path("mlruns")),
+    launcher: str = typer.Option("inference-perf"),
+):
+    """Serve the deployments: the scheduled campaign (cron from the config), the refit on
+    rooflab.data.arrived and the new-model trigger. Needs a Prefect server (`prefect server start`)."""
+    from flows.deployments import build_deployments, next_fire_times, serve_all
+    from rooflab.campaign import load_campaign
+
+    camp = load_campaign(campaign)
+    for d in build_deployments(campaign, store=str(store), mlruns=str(mlruns), launcher=launcher):
+        print(f"deployment {d.name}")
+    if camp.schedule:
+        print("next scheduled runs: " + ", ".join(t.isoformat() for t in next_fire_times(camp.schedule)))
+    serve_all(campaign, store=str(store), mlruns=str(mlruns), launcher=launcher)
+
+
 def _design_points(camp, design: str):
     p = Path(design)
     if p.suffix in (".yaml", ".yml", ".json") and p.is_file():
@@ -205,6 +258,76 @@ def _design_points(camp, design: str):
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(p, str(exc).strip("'"), "bad sweep point") from None
     return camp.design(design)
+
+
+def _interval(v, lo, hi) -> str:
+    import math
+
+    f = lambda x: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+    return f"{f(v)} [{f(lo)}, {f(hi)}]"
+
+
+@app.command()
+def compare(
+    campaigns: Optional[list[str]] = typer.Argument(None, help="campaign names (default: all in the store)"),
+    mlruns: Path = typer.Option(Path("mlruns"), "--mlruns", help="the MLflow store folder (holds mlflow.db)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON records instead of a table"),
+):
+    """Compare campaigns tracked in MLflow: β with intervals, validation MAPE, GPU-hours, stop reason per
+    iteration."""
+    from tasks import track
+
+    df = track.compare(mlruns, campaigns or None)
+    if as_json:
+        print(json.dumps(_clean(df.to_dict(orient="records")), indent=2, default=_json_default))
+        return
+    if df.empty:
+        print(f"no iterations logged in {mlruns}")
+        return
+    betas = [c for c in df.columns if c.startswith("beta") and "." not in c]
+    header = ["campaign", "iter", *betas, "val MAPE", "GPU-h", "stop reason"]
+    rows = []
+    for r in df.to_dict(orient="records"):
+        val = r.get("mape.validation")
+        rows.append([r["campaign"], str(r["iteration"]),
+                     *[_interval(r[b], r[f"{b}.lower"], r[f"{b}.upper"]) for b in betas],
+                     "-" if val is None or val != val else f"{val:.2%}",
+                     "-" if r["gpu_hours"] != r["gpu_hours"] else f"{r['gpu_hours']:.3f}", r["stop_reason"] or ""])
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    for line in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
+
+
+@app.command()
+def export(
+    fit_file: Path = typer.Option(..., "--fit", help="a fit result: the JSON that `rooflab fit --out` writes"),
+    fmt: str = typer.Option("json", "--format", help="blis (BLIS defaults.yaml layout) | json (rooflab coefficients)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output file (default: print)"),
+    hardware: Optional[str] = typer.Option(None, help="GPU the steps came from (recorded as context; a fit "
+                                                      "result does not name it)"),
+):
+    """Export fitted coefficients for simulators: BLIS's trained-physics YAML or rooflab's JSON."""
+    from rooflab import export as ex
+
+    if fmt not in ("blis", "json"):
+        raise InputError(None, "--format", f"expected blis or json, got {fmt!r}")
+    doc = ex.load_fit(fit_file)
+    if hardware:
+        doc = {**doc, "context": {**(doc.get("context") or {}), "hardware": hardware}}
+    if fmt == "blis":
+        text = ex.blis_yaml(doc)
+        if not (doc.get("alpha") or {}).get("fitted"):
+            print("warning: α was not fitted (fit without --requests): alpha_coeffs are written as 0",
+                  file=sys.stderr)
+    else:
+        text = json.dumps(ex.to_json(doc), indent=2, ensure_ascii=False) + "\n"
+    if out is None:
+        print(text, end="")
+        return
+    from rooflab.files import atomic_write_text
+
+    atomic_write_text(out, text)
+    print(f"wrote {out} ({fmt})")
 
 
 twin_app = typer.Typer(add_completion=False, no_args_is_help=True,

@@ -197,3 +197,16 @@ class Store:
     def gpu_seconds(self, **filters) -> float:
         runs = self.runs(statuses=STATUSES, **filters)
         return float(runs["gpu_seconds"].sum()) if len(runs) else 0.0
+
+    # --- campaign iterations ------------------------------------------------------------------
+    def _plans_dir(self, campaign: str) -> Path:
+        return self.root / "campaigns" / campaign
+
+    def save_iteration(self, campaign: str, iteration: int, doc: dict) -> None:
+        """Record a campaign iteration's plan and outcome (picks, stop decision), atomically."""
+        atomic_write_bytes(self._plans_dir(campaign) / f"iteration-{iteration:03d}.json",
+                           json.dumps({"iteration": iteration, **doc}, indent=1, default=str).encode())
+
+    def iterations(self, campaign: str) -> list[dict]:
+        d = self._plans_dir(campaign)
+        return [json.loads(p.read_text()) for p in sorted(d.glob("iteration-*.json"))] if d.is_dir() else []

@@ -1,0 +1,86 @@
+"""Validation flows: run the V1 design for a model/TP and report the accuracy of the current
+coefficients on it; and the new-model trigger (V1 first, then a full sweep if V1 MAPE > 10%)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from prefect import flow
+
+from rooflab.campaign import load_campaign
+from rooflab.store import Store
+from rooflab.sweep import SweepPoint
+from tasks import track
+from tasks.analyze import calibrate_from_store
+
+NEW_MODEL_MAPE_LIMIT = 0.10
+
+
+def v1_points(camp, model: str, tp: int, hardware: str | None = None) -> list[SweepPoint]:
+    """The campaign's V1 validation points (as the static plan runs them on its held-out combos),
+    retargeted to (model, TP): W2 at 1024 and W3 at a low and a high rate, split "validation"."""
+    from rooflab.campaign import static99
+
+    v1 = [p for p in static99(camp) if p.split == "validation"]
+    first = (v1[0].model, v1[0].tp) if v1 else None
+    return [replace(p, model=model, tp=tp, hardware=hardware or p.hardware) for p in v1 if (p.model, p.tp) == first]
+
+
+@flow(name="rooflab-validate", log_prints=True)
+def validate_flow(campaign: str, model: str, tp: int, hardware: str | None = None, store: str = "store",
+                  mlruns: str = "mlruns", launcher: str = "inference-perf", variant: str = "roofline7+layers") -> dict:
+    from flows.campaign import collect_points
+    from rooflab.launch.factory import close_launcher, make_launcher
+
+    camp = load_campaign(campaign)
+    st = Store(store)
+    points = v1_points(camp, model, tp, hardware)
+    lau = make_launcher(camp, launcher, st.root)
+    try:
+        manifests = collect_points(st, lau, camp.name, points, concurrency=camp.collection.concurrency,
+                                   max_retries=camp.collection.max_retries)
+    finally:
+        close_launcher(lau)
+    calib = calibrate_from_store(str(st.root), camp.name, {"variant": variant, "n_boot": 50},
+                                 str(Path(mlruns) / "work" / camp.name / "validate"))
+    ids = {m["run_id"] for m in manifests if m["status"] != "failed"}
+    table = calib.residuals
+    rows = table[(table.split == "validation") & (table.dimension == "run_id") & table.bucket.isin(ids)]
+    mape = float((rows.mape * rows.steps).sum() / rows.steps.sum()) if len(rows) else float("nan")
+    client = track.client(Path(mlruns))
+    run = track.log_refit(client, camp.name, calib, artifacts_dir=Path(mlruns) / "work" / camp.name / "validate",
+                          reason=f"validate {model} tp{tp}: V1 MAPE {mape:.1%}")
+    print(f"V1 on {model} TP{tp}: {len(ids)} runs, step-time MAPE {mape:.1%} with the current coefficients")
+    return {"model": model, "tp": tp, "v1_mape": mape, "runs": sorted(ids), "mlflow_run_id": run}
+
+
+@flow(name="rooflab-new-model", log_prints=True)
+def new_model_flow(campaign: str, model: str, tp: int, hardware: str | None = None, store: str = "store",
+                   mlruns: str = "mlruns", launcher: str = "inference-perf") -> dict:
+    """The seed's trigger for a new model/hardware entry: V1 first; a full sweep of the combo only when the
+    current coefficients miss V1 by more than 10% MAPE."""
+    from flows.campaign import collect_points
+    from flows.refit import refit_flow
+    from rooflab.campaign import static99
+    from rooflab.launch.factory import close_launcher, make_launcher
+
+    result = validate_flow(campaign, model, tp, hardware, store, mlruns, launcher)
+    if not result["v1_mape"] > NEW_MODEL_MAPE_LIMIT:
+        print(f"V1 MAPE {result['v1_mape']:.1%} ≤ {NEW_MODEL_MAPE_LIMIT:.0%}: the coefficients transfer, no sweep")
+        return {**result, "swept": False}
+    camp = load_campaign(campaign)
+    template = [p for p in static99(camp) if p.split == "train"]
+    first = (template[0].model, template[0].tp)
+    sweep = [replace(p, model=model, tp=tp, hardware=hardware or p.hardware)
+             for p in template if (p.model, p.tp) == first]
+    print(f"V1 MAPE {result['v1_mape']:.1%} > {NEW_MODEL_MAPE_LIMIT:.0%}: full sweep of {len(sweep)} runs on {model} TP{tp}")
+    st = Store(store)
+    lau = make_launcher(camp, launcher, st.root)
+    try:
+        collect_points(st, lau, camp.name, sweep, concurrency=camp.collection.concurrency,
+                       max_retries=camp.collection.max_retries)
+    finally:
+        close_launcher(lau)
+    refit = refit_flow(camp.name, store, mlruns, reason=f"new model {model} tp{tp}")
+    return {**result, "swept": True, "refit": refit}
