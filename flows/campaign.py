@@ -21,6 +21,7 @@ from tasks.launch import launch_point
 
 
 def collected_keys(store: Store, campaign: str) -> set[str]:
+    """Points with a manifest in this campaign (failed ones too: never picked again)."""
     return {SweepPoint.from_dict(m["point"]).key for m in store.manifests() if m["campaign"] == campaign}
 
 
@@ -81,8 +82,8 @@ def campaign_flow(campaign: str = "demo", store: str = "store", mlruns: str = "m
             failed = sum(m["status"] == "failed" for m in manifests)
             spent = st.gpu_seconds(campaign=camp.name)
             calib = calibrate_from_store(str(st.root), camp.name, options, str(artifacts_root / f"iter-{it}" / "plots"))
-            stop = decide_stop(calib, gpu_seconds_spent=spent, budget_gpu_seconds=budget_s, iteration=it,
-                               max_iterations=max_iterations)
+            stop = decide_stop(calib, camp, gpu_seconds_spent=spent, budget_gpu_seconds=budget_s,
+                               iterations_done=it + 1, max_iterations=max_iterations)
             nxt = []
             if not stop.stop:
                 left = None if budget_s is None else budget_s - spent

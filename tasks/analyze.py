@@ -32,9 +32,12 @@ def pick_next(calib, campaign, collected: set, batch_size: int, budget_left_s: f
 
 
 @task(name="stop-rule", cache_policy=NO_CACHE)
-def decide_stop(calib, *, gpu_seconds_spent: float, budget_gpu_seconds: float | None, iteration: int,
-                max_iterations: int | None):
-    from rooflab.targeting import stop_rule
+def decide_stop(calib, campaign, *, gpu_seconds_spent: float, budget_gpu_seconds: float | None,
+                iterations_done: int, max_iterations: int | None):
+    """SPEC §9's stop rule; β's the campaign cannot identify at all (β4 without an MoE model, β5 without
+    TP > 1) are not required, so such a campaign can still converge."""
+    from rooflab.targeting import identifiable_betas, stop_rule
 
     return stop_rule(calib, gpu_seconds_spent=gpu_seconds_spent, budget_gpu_seconds=budget_gpu_seconds,
-                     iteration=iteration, max_iterations=max_iterations)
+                     iteration=iterations_done, max_iterations=max_iterations,
+                     required=tuple(identifiable_betas(campaign)))
