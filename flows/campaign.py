@@ -80,6 +80,12 @@ def campaign_flow(campaign: str = "demo", store: str = "store", mlruns: str = "m
             manifests = collect_points(st, lau, camp.name, points, concurrency=camp.collection.concurrency,
                                        max_retries=camp.collection.max_retries, replicates=camp.replicates)
             failed = sum(m["status"] == "failed" for m in manifests)
+            if st.runs(campaign=camp.name, statuses=("ok",)).empty:
+                from rooflab.errors import InputError
+
+                reasons = sorted({m["reason"] for m in manifests if m["status"] == "failed"})
+                raise InputError(None, "campaign", f"{camp.name}: no unsaturated run has completed, nothing to "
+                                 f"calibrate ({failed} failed: {'; '.join(reasons)[:300]})")
             spent = st.gpu_seconds(campaign=camp.name)
             calib = calibrate_from_store(str(st.root), camp.name, options, str(artifacts_root / f"iter-{it}" / "plots"))
             stop = decide_stop(calib, camp, gpu_seconds_spent=spent, budget_gpu_seconds=budget_s,

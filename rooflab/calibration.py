@@ -68,6 +68,10 @@ def calibrate(steps: pd.DataFrame, requests: pd.DataFrame | None = None, options
     """Fit and diagnose. Runs whose ``split`` column says ``validation`` are held out of the fit and
     reported separately."""
     variant = get_variant(options.variant)
+    if steps is None or len(steps) == 0:
+        from rooflab.errors import InputError
+
+        raise InputError(None, "steps", "no steps to calibrate (no complete, unsaturated run with step data)")
     routing = route_steps(steps)
     feats = featurize(steps, options.formulas, fp8_peak=options.fp8_peak)
     X = variant.design_matrix(feats)

@@ -214,7 +214,7 @@ def campaign_cmd(
           f"{result['gpu_hours']:.3f} GPU-hours, stopped: {result['stop_reason']}")
     table = track.compare(track.client(mlruns), [result["campaign"]])
     if len(table):
-        print(table.to_string(index=False))
+        print(compare_table(table))
     print()
     print(f"open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {track.tracking_uri(mlruns)} --port 5000")
     print(f"compare campaigns:   .venv/bin/rooflab compare {result['campaign']}")
@@ -284,6 +284,11 @@ def compare(
     if df.empty:
         print(f"no iterations logged in {mlruns}")
         return
+    print(compare_table(df))
+
+
+def compare_table(df) -> str:
+    """Campaign iterations as a compact text table: β with intervals, held-out MAPE, GPU-h, stop reason."""
     betas = [c for c in df.columns if c.startswith("beta") and "." not in c]
     header = ["campaign", "iter", *betas, "val MAPE", "GPU-h", "stop reason"]
     rows = []
@@ -292,10 +297,11 @@ def compare(
         rows.append([r["campaign"], str(r["iteration"]),
                      *[_interval(r[b], r[f"{b}.lower"], r[f"{b}.upper"]) for b in betas],
                      "-" if val is None or val != val else f"{val:.2%}",
-                     "-" if r["gpu_hours"] != r["gpu_hours"] else f"{r['gpu_hours']:.3f}", r["stop_reason"] or ""])
+                     "-" if r["gpu_hours"] != r["gpu_hours"] else f"{r['gpu_hours']:.3f}",
+                     (r["stop_reason"] or "")[:90]])
     widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    for line in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip()
+                     for line in [header, ["-" * w for w in widths], *rows])
 
 
 @app.command()

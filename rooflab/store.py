@@ -80,7 +80,7 @@ class Store:
     """A folder of runs. Safe against crashes at any point: nothing is complete before its manifest."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # absolute: launchers run subprocesses in run folders
         (self.root / "runs").mkdir(parents=True, exist_ok=True)
 
     # --- one run ------------------------------------------------------------------------------

@@ -192,3 +192,10 @@ def test_route_steps_on_constructed_steps():
     assert r.saturated.tolist() == [False, True, False, True, True]
     assert r.counts() == {"steps": 5, "unsaturated": 2, "saturated": 3, "saturated_kv_usage": 1,
                           "saturated_preemption": 2}
+
+
+def test_calibrating_no_steps_is_a_clear_error():
+    from rooflab.errors import InputError
+
+    with pytest.raises(InputError, match="no steps to calibrate"):
+        calibrate(pd.DataFrame(), options=Options(n_boot=0))

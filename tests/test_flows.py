@@ -1,0 +1,133 @@
+"""Prefect flows and deployments: a tiny campaign to completion (MLflow contents), resume after a crash,
+the schedule, and the refit that a rooflab.data.arrived event triggers."""
+
+import os
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from flows.campaign import campaign_flow  # noqa: E402
+from flows.deployments import build_deployments, next_fire_times, refit_trigger  # noqa: E402
+from rooflab.store import Store  # noqa: E402
+from tasks import track  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def harness(tmp_path_factory):
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _children(client, campaign):
+    parent = track.start_campaign(client, campaign, params={})
+    return parent, track.logged_iterations(client, parent)
+
+
+def test_tiny_campaign_runs_to_completion_and_is_tracked(tmp_path):
+    store, mlruns = tmp_path / "store", tmp_path / "mlruns"
+    result = campaign_flow(campaign="smoke", store=str(store), mlruns=str(mlruns), launcher="direct",
+                           batch_size=4, max_iterations=2, n_boot=30)
+    assert result["iterations"] == 2 and result["stop_reason"]
+    client = track.client(mlruns)
+    exp = client.get_experiment_by_name(track.experiment_name("smoke"))
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get(track.ROLE) == "campaign"]
+    children = [r for r in runs if r.data.tags.get(track.ROLE) == "iteration"]
+    assert len(parents) == 1 and len(children) == 2
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    assert "iteration cap 2 reached" in parents[0].data.tags.get("rooflab.stop_reason", "") + result["stop_reason"]
+    for c in children:
+        m = c.data.metrics
+        assert {"beta1", "beta1.lower", "beta1.upper", "mape.train", "gpu_hours"} <= set(m)
+        names = {a.path for a in client.list_artifacts(c.info.run_id)}
+        assert {"coefficients.json", "blis_coefficients.yaml", "health_report.txt", "next_points.json"} <= names
+    # the data store holds exactly the runs the two iterations planned
+    st = Store(store)
+    planned = sum(len(p["points"]) for p in st.iterations("smoke"))
+    assert len(st.runs(statuses=("ok", "saturated", "failed"))) == planned
+
+
+def test_campaign_resumes_after_a_crash_without_duplicates(tmp_path, monkeypatch):
+    store, mlruns = tmp_path / "store", tmp_path / "mlruns"
+    real_log = track.log_iteration
+
+    def crash_on_iteration_1(client, parent, iteration, *a, **kw):
+        if iteration == 1:
+            raise KeyboardInterrupt("killed during iteration 1")
+        return real_log(client, parent, iteration, *a, **kw)
+
+    monkeypatch.setattr(track, "log_iteration", crash_on_iteration_1)
+    with pytest.raises(BaseException):
+        campaign_flow(campaign="smoke", store=str(store), mlruns=str(mlruns), launcher="direct", batch_size=4,
+                      max_iterations=3, n_boot=30)
+    monkeypatch.setattr(track, "log_iteration", real_log)
+    client = track.client(mlruns)
+    _, before = _children(client, "smoke")
+    st = Store(store)
+    runs_before = set(st.runs().run_id)
+    assert set(before) == {0} and len(runs_before) > 0
+
+    result = campaign_flow(campaign="smoke", store=str(store), mlruns=str(mlruns), launcher="direct", batch_size=4,
+                           max_iterations=3, n_boot=30)
+    _, after = _children(client, "smoke")
+    assert sorted(after) == list(range(result["iterations"])) and after[0] == before[0]  # nothing logged twice
+    manifests = st.manifests()
+    assert len({m["run_id"] for m in manifests}) == len(manifests)  # nothing collected twice
+    assert runs_before <= set(st.runs().run_id)
+    assert all(m["attempt"] == 1 for m in manifests)  # the runs of iteration 1 were not re-run after the crash
+
+
+def test_schedule_fires_when_the_campaign_says():
+    times = next_fire_times("0 3 * * 1", 3, after=datetime(2026, 11, 24, tzinfo=timezone.utc))
+    assert [t.isoformat() for t in times] == ["2026-11-30T03:00:00+00:00", "2026-12-07T03:00:00+00:00",
+                                              "2026-12-14T03:00:00+00:00"]
+    deps = {d.name: d for d in build_deployments("demo")}
+    sched = deps["demo-scheduled"]
+    assert [s.schedule.cron for s in sched.schedules] == ["0 3 * * 1"]
+    assert deps["demo-refit"].triggers and deps["demo-new-model"].triggers
+
+
+def test_data_arrived_event_triggers_a_refit_run(tmp_path):
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.events import emit_event
+
+    from flows.refit import refit_flow
+
+    dep = refit_flow.to_deployment(name="smoke-refit-test", triggers=[refit_trigger("smoke")],
+                                   parameters={"campaign": "smoke", "store": str(tmp_path / "store"),
+                                               "mlruns": str(tmp_path / "mlruns")})
+    dep_id = dep.apply()
+    time.sleep(2)  # let the automation register
+    emit_event(event="rooflab.data.arrived", resource={"prefect.resource.id": "rooflab.run.w3-abc",
+                                                       "rooflab.campaign": "smoke"},
+               payload={"campaign": "smoke", "run_id": "w3-abc"})
+    emit_event(event="rooflab.data.arrived", resource={"prefect.resource.id": "rooflab.run.w3-def",
+                                                       "rooflab.campaign": "other-campaign"})
+
+    async def runs():
+        async with get_client() as client:
+            return await client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep_id])))
+
+    import asyncio
+
+    found = []
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 60 and not found:
+        found = asyncio.run(runs())
+        time.sleep(1)
+    assert len(found) >= 1, "no refit flow run was created by the event"
+    params = found[0].parameters
+    assert params["campaign"] == "smoke" and "rooflab.run.w3-abc" in params["reason"]
+    time.sleep(3)
+    assert all(r.parameters["campaign"] == "smoke" for r in asyncio.run(runs()))
+    assert len(asyncio.run(runs())) == 1  # the other campaign's event did not match
