@@ -131,3 +131,24 @@ def test_data_arrived_event_triggers_a_refit_run(tmp_path):
     time.sleep(3)
     assert all(r.parameters["campaign"] == "smoke" for r in asyncio.run(runs()))
     assert len(asyncio.run(runs())) == 1  # the other campaign's event did not match
+
+
+def test_validate_and_new_model_flows(tmp_path):
+    """V1 on a model the campaign never trained on: the flow collects the V1 points (held out), reports
+    the current coefficients' step-time MAPE on them; the new-model flow sweeps only when V1 misses > 10%."""
+    from flows.validate import NEW_MODEL_MAPE_LIMIT, new_model_flow, v1_points, validate_flow
+    from rooflab.campaign import load_campaign
+
+    store, mlruns = str(tmp_path / "store"), str(tmp_path / "mlruns")
+    campaign_flow(campaign="smoke", store=store, mlruns=mlruns, launcher="direct", batch_size=4, max_iterations=1,
+                  n_boot=20)
+    points = v1_points(load_campaign("smoke"), "llama-2-7b", 1)
+    assert points and all(p.split == "validation" and p.model == "llama-2-7b" for p in points)
+    res = validate_flow("smoke", "llama-2-7b", 1, store=store, mlruns=mlruns, launcher="direct")
+    assert len(res["runs"]) == len(points) and 0 <= res["v1_mape"] < 1
+    st = Store(store)
+    assert set(st.runs(model="llama-2-7b").split) == {"validation"}
+    out = new_model_flow("smoke", "llama-2-7b", 1, store=store, mlruns=mlruns, launcher="direct")
+    assert out["swept"] == (out["v1_mape"] > NEW_MODEL_MAPE_LIMIT)
+    if out["swept"]:
+        assert (st.runs(model="llama-2-7b").split == "train").any()
