@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -10,6 +9,7 @@ from typing import Optional
 import typer
 
 from rooflab.errors import InputError
+from rooflab.files import atomic_write_text, json_dumps
 from rooflab.variant import get_variant
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -26,31 +26,6 @@ def _prior(value: str) -> float | str:
     if v < 0:
         raise InputError(None, "--prior", "must be non-negative")
     return v
-
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o).__name__)
-
-
-def _clean(o):
-    """JSON has no NaN/Infinity: write null."""
-    import math
-
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    return o
 
 
 @app.command()
@@ -92,12 +67,9 @@ def fit(
         evaluation = run_evaluation(table, options)
         doc["evaluation"] = evaluation.to_dict(orient="records")
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps(_clean(doc), indent=2, default=_json_default))
-        tmp.replace(out)
+        atomic_write_text(out, json_dumps(doc))
     if as_json:
-        print(json.dumps(_clean(doc), indent=2, default=_json_default))
+        print(json_dumps(doc))
         return
     print(render(result))
     if evaluation is not None:
@@ -279,7 +251,7 @@ def compare(
 
     df = track.compare(mlruns, campaigns or None)
     if as_json:
-        print(json.dumps(_clean(df.to_dict(orient="records")), indent=2, default=_json_default))
+        print(json_dumps(df.to_dict(orient="records")))
         return
     if df.empty:
         print(f"no iterations logged in {mlruns}")
@@ -326,7 +298,7 @@ def export(
             print("warning: α was not fitted (fit without --requests): alpha_coeffs are written as 0",
                   file=sys.stderr)
     else:
-        text = json.dumps(ex.to_json(doc), indent=2, ensure_ascii=False) + "\n"
+        text = json_dumps(ex.to_json(doc)) + "\n"
     if out is None:
         print(text, end="")
         return

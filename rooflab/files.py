@@ -4,6 +4,8 @@ in the same folder, fsync, rename, fsync the folder) so a reader sees the old fi
 from __future__ import annotations
 
 import io
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -63,3 +65,36 @@ def atomic_write_parquet(path: str | Path, df) -> Path:
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def _json_default(o):
+    if hasattr(o, "to_dict") and callable(o.to_dict):
+        return o.to_dict()
+    if hasattr(o, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.asdict(o)
+    if hasattr(o, "item"):  # numpy scalars
+        v = o.item()
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)  # paths and anything else printable
+
+
+def json_safe(o):
+    """JSON has no NaN or Infinity: they become null (recursively)."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {str(k): json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_safe(v) for v in o]
+    return o
+
+
+def json_dumps(obj, *, indent: int | None = 2) -> str:
+    """Strict JSON of rooflab results: NaN → null, numpy → Python, dataclasses and frames as dicts."""
+    return json.dumps(json_safe(obj), indent=indent, default=_json_default, ensure_ascii=False)

@@ -24,7 +24,6 @@ deleted and logged again, so :func:`log_iteration` is idempotent and crash-safe.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -38,7 +37,7 @@ from mlflow.exceptions import MlflowException
 
 from rooflab import export
 from rooflab.errors import InputError
-from rooflab.files import atomic_write_text
+from rooflab.files import atomic_write_text, json_dumps
 
 EXPERIMENT_PREFIX = "rooflab/"
 ROLE = "rooflab.role"
@@ -177,35 +176,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _jsonable(o):
-    if hasattr(o, "to_dict") and callable(o.to_dict):
-        return o.to_dict()
-    if hasattr(o, "__dataclass_fields__"):
-        import dataclasses
-
-        return dataclasses.asdict(o)
-    if hasattr(o, "item"):
-        v = o.item()
-        return None if isinstance(v, float) and not math.isfinite(v) else v
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    return str(o)
-
-
 def _dumps(obj) -> str:
-    return json.dumps(_clean(obj), indent=2, default=_jsonable, ensure_ascii=False) + "\n"
-
-
-def _clean(o):
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    return o
+    return json_dumps(obj) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -438,7 +410,7 @@ def _log_calibration(c: MlflowClient, rid: str, calib, *, step: int, picks: list
     tags = {HEALTH: (doc.get("health") or {}).get("overall", "")}
     if stop is not None:
         tags.update({STOP_REASON: reason, "rooflab.stop": flag,
-                     "rooflab.stop_json": json.dumps(_clean(stop), default=_jsonable)})
+                     "rooflab.stop_json": json_dumps(stop, indent=None)})
     _log(c, rid, params=iteration_params(calib, extra_params), tags=tags)
     context = {k: v for k, v in (extra_params or {}).items() if k in ("hardware", "model", "models", "tp")}
     write_iteration_artifacts(calib, out_dir, iteration=step, picks=picks or [], stop=stop or {}, context=context)
