@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,32 +28,12 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+from rooflab.launch.endpoints import free_port, wait_healthy  # noqa: E402
 CHROMIUMS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
 
 def find_chromium() -> str | None:
     return next((p for p in map(shutil.which, CHROMIUMS) if p), None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow ui exited with status {proc.returncode} before it was healthy")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"mlflow ui not healthy at {url} after {timeout:.0f} s")
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -159,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                              "--host", "127.0.0.1", "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_healthy(base, proc, timeout=90)
+        wait_healthy(base, proc, 90, "mlflow ui")
         t_up = time.monotonic()
         url = page_url(base, exp.experiment_id, args.view, run_ids)
         screenshot(chromium, url, args.out, budget_ms=args.budget_ms)

@@ -4,47 +4,25 @@ traces ingested back into step and request tables that match inference-perf's ow
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from rooflab.adapters.otel import read_otel_traces
+from rooflab.launch.endpoints import free_port, wait_healthy
 from rooflab.twin.tokenizer import ensure_tokenizer
 
 pytestmark = pytest.mark.slow
 N_REQ, PROMPT, OUTPUT = 30, 200, 24
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc, timeout: float = 120) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"twin exited early: {proc.stdout.read().decode()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError("twin never became healthy")
-
-
 def test_inference_perf_against_the_twin(tmp_path):
     cache = tmp_path / "cache"
     tok = ensure_tokenizer(cache / "tokenizer")
-    port = _free_port()
+    port = free_port()
     trace = tmp_path / "traces.jsonl"
     env = {**os.environ, "ROOFLAB_CACHE": str(cache)}
     proc = subprocess.Popen([sys.executable, "-m", "rooflab", "twin", "serve", "--model", "llama-3.1-8b", "--tp", "1",
@@ -52,7 +30,7 @@ def test_inference_perf_against_the_twin(tmp_path):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(base, proc)
+        wait_healthy(base, proc, 120, "twin")
         out = tmp_path / "ip-out"
         cfg = {
             "api": {"type": "completion", "streaming": True},

@@ -35,6 +35,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc: subprocess.Popen | None, timeout_s: float, what: str = "server") -> None:
+    """Poll ``url``/health until it answers 200. A process that exits first, or a timeout, raises a
+    one-line InputError naming the server."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if proc is not None and proc.poll() is not None:
+            raise InputError(None, "endpoint", f"{what} exited with code {proc.returncode} before it became healthy")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise InputError(None, "endpoint", f"{what} never became healthy within {timeout_s:g} s")
+
+
 def twin_command(accel: float = 20.0, engine: dict | None = None, seed: int = 0) -> list[str]:
     cmd = [sys.executable, "-m", "rooflab", "twin", "serve", "--model", "{model}", "--tp", "{tp}",
            "--hardware", "{hardware}", "--port", "{port}", "--trace", "{trace}", "--accel", str(accel),
@@ -135,20 +151,12 @@ class CommandEndpoint(Endpoint):
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                      env={**os.environ, **(self.env or {})})
         log.close()
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < self.health_timeout_s:
-            if self.proc.poll() is not None:
-                raise InputError(None, "endpoint", f"server exited with code {self.proc.returncode} before it became "
-                                 f"healthy (log: {self.workdir / f'server-{self.port}.log'})")
-            try:
-                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        self.stop()
-        raise InputError(None, "endpoint", f"server never became healthy within {self.health_timeout_s:g} s "
-                         f"({' '.join(self.command())})")
+        try:
+            wait_healthy(self.base_url, self.proc, self.health_timeout_s,
+                         f"server ({' '.join(self.command())}; log: {self.workdir / f'server-{self.port}.log'})")
+        except InputError:
+            self.stop()
+            raise
 
     def stop(self, grace_s: float = 20.0) -> None:
         if self.proc is None:
