@@ -12,7 +12,7 @@ import pandas as pd
 from rooflab.features import featurize
 from rooflab.fit import AlphaFit, BetaFit, fit_alpha, fit_beta
 from rooflab.health import Check, check_health, overall
-from rooflab.residuals import bucket_table, plot_residuals, run_influence, summary
+from rooflab.residuals import bucket_table, plot_residuals, run_influence, specification_tests, summary
 from rooflab.saturation import route_steps
 from rooflab.variant import get_variant
 
@@ -38,6 +38,7 @@ class Calibration:
     residuals: pd.DataFrame  # bucket table, splits "train" (and "validation" when held-out runs exist)
     accuracy: dict  # split -> summary (steps, MAPE, median APE, P90 APE)
     influence: pd.DataFrame
+    specification: dict = field(default_factory=dict)  # RESET / Breusch–Pagan on run-level aggregates
     plots: list[Path] = field(default_factory=list)
 
     @property
@@ -52,6 +53,7 @@ class Calibration:
             "accuracy": self.accuracy, "residual_buckets": self.residuals.to_dict(orient="records"),
             "hotspots": self.hotspots.to_dict(orient="records"),
             "run_influence": self.influence.to_dict(orient="records"),
+            "specification": self.specification,
             "plots": [str(p) for p in self.plots],
         }
 
@@ -105,7 +107,8 @@ def calibrate(steps: pd.DataFrame, requests: pd.DataFrame | None = None, options
     counts["held_out_validation"] = int((has_time & held_out).sum())
     counts["fit"] = int(train.sum())
     calib = Calibration(options, {"total": counts, "per_run": _routing_counts(steps, routing.saturated, has_time)},
-                        beta, alpha, health, residuals, accuracy, influence)
+                        beta, alpha, health, residuals, accuracy, influence,
+                        specification_tests(steps[train], y[train], pred[train]))
     if plots_dir is not None:
         calib.plots = plot_residuals(steps[train], y[train], pred[train], residuals[residuals.split == "train"],
                                      plots_dir, title=f"({options.variant}, {options.formulas})")

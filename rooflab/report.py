@@ -55,6 +55,14 @@ def render(c: Calibration, top_buckets: int = 40) -> str:
     for split, s in c.accuracy.items():
         out.append(f"accuracy [{split}]: {s['steps']} steps, MAPE {s['mape']:.2%}, median APE {s['median_ape']:.2%}, "
                    f"P90 APE {s['p90_ape']:.2%}")
+    spec = c.specification
+    if spec.get("reset"):
+        out.append(f"specification (run-level cells: {spec['cells']}): RESET curvature the linear fit misses "
+                   f"{spec['reset']['rms_gain']:.1%} of residual RMS (p={spec['reset']['p_value']:.2g}); "
+                   f"Breusch-Pagan: prediction explains {spec['breusch_pagan']['r2']:.1%} of the squared relative "
+                   f"error (p={spec['breusch_pagan']['p_value']:.2g})")
+    elif spec:
+        out.append(f"specification tests skipped: {spec.get('skipped')}")
     out.append("")
     r = c.residuals
     r = r[r["dimension"] != "run_id"].head(top_buckets)

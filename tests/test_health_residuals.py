@@ -113,3 +113,19 @@ def test_calibration_reports_influence_and_writes_plots(good, tmp_path):
         assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     d = c.to_dict()
     assert d["health"]["overall"] in ("pass", "warn", "fail") and d["beta"]["bootstrap"]["unit"] == "run"
+
+
+def test_specification_tests_judge_effect_sizes(good):
+    """A well-specified model leaves little curvature and no error growth; a model whose error grows
+    with step size (a missing quadratic term) shows both, in effect size, not only in p-values."""
+    from rooflab.residuals import specification_tests
+
+    y = good["step_time_us"].to_numpy()
+    fine = specification_tests(good, y, y * np.random.default_rng(0).lognormal(0, 0.02, len(y)))
+    assert fine["cells"] >= 8 and fine["reset"]["rms_gain"] < 0.1 and fine["breusch_pagan"]["r2"] < 0.3
+    scale = np.median(y)
+    bent = specification_tests(good, y, scale * np.sqrt(y / scale))  # under-predicts big steps, over-predicts small
+    assert bent["reset"]["rms_gain"] > fine["reset"]["rms_gain"] + 0.1
+    assert bent["breusch_pagan"]["r2"] > fine["breusch_pagan"]["r2"]
+    tiny = specification_tests(good.iloc[:10], y[:10], y[:10])
+    assert "skipped" in tiny
