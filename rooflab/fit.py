@@ -314,13 +314,12 @@ def fit_alpha(requests: pd.DataFrame, *, n_boot: int = 200, ci: float = 0.90, se
         return AlphaFit(None, None, None, 0, "request data has no ARRIVED/QUEUED or FINISHED/DEPARTED pairs")
     point = _alpha_point(q[ok_q], post[ok_p], nout[ok_p])
     rng = np.random.default_rng(seed)
-    run = r["run_id"].astype(str).to_numpy()
-    runs = np.unique(run)
+    runs, run_idx = np.unique(r["run_id"].astype(str).to_numpy(), return_inverse=True)
+    by_run = np.split(np.argsort(run_idx, kind="stable"), np.cumsum(np.bincount(run_idx))[:-1])
     draws = []
     for _ in range(n_boot):
         if len(runs) >= MIN_RUNS_FOR_RUN_BOOTSTRAP:
-            pick = rng.choice(runs, len(runs))
-            idx = np.concatenate([np.flatnonzero(run == p) for p in pick])
+            idx = np.concatenate([by_run[k] for k in rng.integers(0, len(runs), len(runs))])
         else:
             idx = rng.integers(0, len(r), len(r))
         draws.append(_alpha_point(q[idx][ok_q[idx]], post[idx][ok_p[idx]], nout[idx][ok_p[idx]]))
