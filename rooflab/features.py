@@ -188,6 +188,7 @@ def compute_features(s: Setting, agg: dict | pd.DataFrame) -> dict[str, np.ndarr
         A_pf_used = A_pf
         A_dc = C_dc + D_req
 
+    vllm_tp = s.formulas == "vllm"
     hw = s.hardware
     gemm_peak = hw.gemm_tflops(s.arch.fp8_weights and s.formulas == "vllm" and s.fp8_peak)
     g_pf, o_pf = _phase_flops(s, T_pf, A_pf_used, C_pf, logits_pf, "prefill")
@@ -208,6 +209,7 @@ def compute_features(s: Setting, agg: dict | pd.DataFrame) -> dict[str, np.ndarr
         "F_weight_static": np.full(n, static_weight_bytes(s) * us_byte),
         "F_weight_moe": n_eff * expert_weight_bytes(s) * us_byte,
         "F_tp": (L * 2 * T * s.arch.hidden * s.arch.act_bytes * us_byte) if s.tp > 1 else np.zeros(n),
+        "F_tp_link": _allreduce_us(s, T),
         "N_eff": n_eff,
         "pf_flops": g_pf + o_pf,
         "dc_flops": g_dc + o_dc,
@@ -216,11 +218,25 @@ def compute_features(s: Setting, agg: dict | pd.DataFrame) -> dict[str, np.ndarr
     out["f_decode"] = np.maximum(out["F_dc_compute"], out["F_dc_kv"])
     out["f_weight_static"] = out["F_weight_static"]
     out["f_weight_moe"] = out["F_weight_moe"]
-    out["f_tp"] = out["F_tp"]
+    out["f_tp"] = out["F_tp_link"] if vllm_tp else out["F_tp"]
     out["n_requests"] = B
     out["one"] = np.ones(n)
     out["n_layers"] = np.full(n, float(L))
     return out
+
+
+def _allreduce_us(s: Setting, T: np.ndarray) -> np.ndarray:
+    """Physical TP all-reduce time (FORMULAS.md §4.5 "physical", the α-β model of a ring): 2 all-reduces
+    per layer of M = T·d·b_act bytes, each moving 2·(TP−1)/TP·M per GPU over the interconnect (per
+    direction) after 2·(TP−1) hops of the link latency. ``F_tp_link`` without the latency is the worked
+    example's ``F_tp_nvlink_ring``."""
+    T = np.asarray(T, dtype=np.float64)
+    if s.tp == 1:
+        return np.zeros(len(T))
+    hw, tp = s.hardware, s.tp
+    msg = T * s.arch.hidden * s.arch.act_bytes
+    per_ar = 2 * (tp - 1) / tp * msg / (hw.nvlink_gb_s_per_direction * 1e3) + 2 * (tp - 1) * hw.link_latency_us
+    return 2 * s.arch.n_layers * per_ar
 
 
 def featurize(steps: pd.DataFrame, formulas: str = "vllm", *, fp8_peak: bool = True,

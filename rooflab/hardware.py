@@ -11,6 +11,7 @@ from rooflab.errors import InputError
 from rooflab.files import read_yaml
 
 _FIELDS = ("peak_tflops_bf16", "peak_tflops_fp8", "hbm_tb_s", "nvlink_gb_s_per_direction", "memory_gb")
+_OPTIONAL = {"link_latency_us": 0.0}  # per-hop latency of the GPU interconnect (α of the α-β model); 0 = unknown
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class Hardware:
     nvlink_gb_s_per_direction: float
     memory_gb: float
     source: str = ""
+    link_latency_us: float = 0.0  # per hop of a ring all-reduce; 0: unknown, β5 absorbs the latency
+
 
     def gemm_tflops(self, fp8: bool) -> float:
         """Peak for a GEMM whose weights are fp8 (fp8 peak where the GPU has one) or not."""
@@ -31,9 +34,10 @@ class Hardware:
 def parse_hardware(doc: dict, *, source: str) -> Hardware:
     if not isinstance(doc, dict):
         raise InputError(source, None, "expected a YAML mapping")
-    unknown = set(doc) - set(_FIELDS) - {"name"}
+    unknown = set(doc) - set(_FIELDS) - set(_OPTIONAL) - {"name"}
     if unknown:
-        raise InputError(source, sorted(unknown)[0], f"unknown field (known: name, {', '.join(_FIELDS)})")
+        raise InputError(source, sorted(unknown)[0],
+                         f"unknown field (known: name, {', '.join(_FIELDS + tuple(_OPTIONAL))})")
     values = {}
     for f in _FIELDS:
         if f not in doc:
@@ -44,6 +48,11 @@ def parse_hardware(doc: dict, *, source: str) -> Hardware:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
             raise InputError(source, f, f"expected a positive number, got {v!r}")
+        values[f] = float(v)
+    for f, default in _OPTIONAL.items():
+        v = doc.get(f, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise InputError(source, f, f"expected a non-negative number, got {v!r}")
         values[f] = float(v)
     name = doc.get("name") or Path(source).stem
     return Hardware(name=str(name), source=source, **values)

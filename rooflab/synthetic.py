@@ -8,8 +8,9 @@ import pandas as pd
 from rooflab.features import featurize
 from rooflab.variant import get_variant
 
+# 4 dense + 2 MoE settings, 3 TP1 and 3 TP>1, 5 distinct static weights: every β moves independently
 SETTINGS = (("llama-3.1-8b", 1), ("llama-3.1-8b", 4), ("mixtral-8x7b", 2), ("qwen3-30b-a3b", 1),
-            ("llama-3.1-8b", 8), ("qwen3-14b", 2))
+            ("llama-3.1-70b", 8), ("qwen3-14b", 1))
 TRUE_BETA = np.array([1.6, 1.3, 0.9, 1.2, 3.0, 25.0, 400.0])
 
 

@@ -95,3 +95,25 @@ def test_featurize_groups_settings_and_keeps_row_order():
     assert f["F_weight_moe"].iloc[1] == pytest.approx(one["F_weight_moe"][0])
     assert f["F_weight_moe"].iloc[0] == 0 and f["F_tp"].iloc[0] == 0 and f["F_tp"].iloc[2] > 0
     assert (f["n_layers"] == 32).all() and (f["one"] == 1).all()
+
+
+def test_vllm_tp_feature_is_the_physical_ring_with_hop_latency():
+    """vllm formulas: f_tp = 2L·[2(TP−1)/TP·M/BW_link + 2(TP−1)·t_hop]; design formulas keep the PR's HBM form."""
+    from rooflab.arch import load_model
+    from rooflab.features import Setting, compute_features
+    from rooflab.hardware import load_hardware
+
+    arch, hw = load_model("llama-3.1-8b"), load_hardware("H100-SXM")
+    step = dict(prefill_reqs=[0, 0], prefill_tokens=[0, 0], prefill_context=[0, 0], prefill_attn_pairs=[0, 0],
+                prefill_logits=[0, 0], decode_reqs=[1, 64], decode_context=[100, 6400])
+    for tp in (2, 4, 8):
+        f = compute_features(Setting(arch, hw, tp, "vllm"), step)
+        msg = 64 * arch.hidden * arch.act_bytes
+        want = 2 * arch.n_layers * (2 * (tp - 1) / tp * msg / (hw.nvlink_gb_s_per_direction * 1e3)
+                                    + 2 * (tp - 1) * hw.link_latency_us)
+        assert f["f_tp"][1] == pytest.approx(want, rel=1e-12)
+        assert f["f_tp"][0] < f["f_tp"][1]  # more tokens, more bytes
+        g = compute_features(Setting(arch, hw, tp, "design"), step)
+        assert g["f_tp"][1] == pytest.approx(g["F_tp"][1]) and g["f_tp"][1] != pytest.approx(f["f_tp"][1])
+    assert hw.link_latency_us > 0
+    assert compute_features(Setting(arch, hw, 1, "vllm"), step)["f_tp"].tolist() == [0.0, 0.0]

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import dataclasses
+
 import pytest
 
 from rooflab.arch import load_model
@@ -45,6 +47,10 @@ def test_worked_example(model, formulas):
     roofline = (max(f["F_pf_compute"], f["F_pf_kv"]) + max(f["F_dc_compute"], f["F_dc_kv"])
                 + f["F_weight_static"] + f["F_weight_moe"] + f["F_tp"])
     assert roofline == pytest.approx(ref["roofline_sum_beta1"], rel=5e-3)
+    # the physical ring over NVLink (FORMULAS §4.5), without the hop latency
+    bare = Setting(s.arch, dataclasses.replace(s.hardware, link_latency_us=0.0), s.tp, formulas, fp8_peak=False)
+    assert float(compute_features(bare, STEP)["F_tp_link"][0]) == pytest.approx(ref["F_tp_nvlink_ring"], rel=5e-3,
+                                                                               abs=1e-9)
 
 
 def test_deepseek_fp8_gemms_run_at_fp8_peak():

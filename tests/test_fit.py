@@ -21,8 +21,9 @@ def test_recovers_known_beta(steps):
     X = v.design_matrix(featurize(steps))
     fit = fit_beta(X, steps["step_time_us"], steps["run_id"], v, n_boot=50, seed=3)
     assert fit.unit_kind == "run" and fit.n_units == 12
-    # β5's feature (TP all-reduce) is a few % of step time, so the data pin it less tightly
-    tolerance = {"beta5": 0.15}
+    # β7 (400 µs) is ~1% of step time and shares the per-step constant with the all-reduce hop latency
+    # inside f_tp at TP > 1, so the data pin it less tightly
+    tolerance = {"beta7": 0.10}
     for name, b, lo, hi, truth in zip(fit.names, fit.beta, fit.lower, fit.upper, TRUE_BETA):
         assert b == pytest.approx(truth, rel=tolerance.get(name, 0.05)), name
         assert lo <= b <= hi and hi > lo  # a real interval around the estimate
