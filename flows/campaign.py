@@ -49,7 +49,8 @@ def _beta_line(calib) -> str:
 @flow(name="rooflab-campaign", log_prints=True)
 def campaign_flow(campaign: str = "demo", store: str = "store", mlruns: str = "mlruns",
                   launcher: str = "inference-perf", batch_size: int = 6, max_iterations: int = 4,
-                  variant: str = "roofline7+layers", formulas: str = "vllm", n_boot: int = 100) -> dict:
+                  variant: str = "roofline7+layers", formulas: str = "vllm", n_boot: int = 100,
+                  targeting: str = "d-optimal") -> dict:
     from rooflab.launch.factory import close_launcher, make_launcher
     from rooflab.targeting import StopDecision
 
@@ -59,7 +60,7 @@ def campaign_flow(campaign: str = "demo", store: str = "store", mlruns: str = "m
     client = track.client(Path(mlruns))
     parent = track.start_campaign(client, camp.name, params={
         "campaign": camp.name, "launcher": launcher, "batch_size": batch_size, "max_iterations": max_iterations,
-        "variant": variant, "formulas": formulas, "budget_gpu_hours": camp.budget_gpu_hours,
+        "variant": variant, "formulas": formulas, "budget_gpu_hours": camp.budget_gpu_hours, "targeting": targeting,
         "combos": ", ".join(f"{c.model}/tp{c.tp}" for c in camp.combos)})
     options = {"variant": variant, "formulas": formulas, "n_boot": n_boot}
     budget_s = camp.budget_gpu_hours * 3600 if camp.budget_gpu_hours else None
@@ -67,7 +68,8 @@ def campaign_flow(campaign: str = "demo", store: str = "store", mlruns: str = "m
 
     plans = {p["iteration"]: p for p in st.iterations(camp.name)}
     if 0 not in plans:
-        picks = pick_next(None, camp, collected_keys(st, camp.name), batch_size, budget_s, 0)
+        picks = pick_next(None, camp, collected_keys(st, camp.name), batch_size, budget_s, 0, targeting=targeting,
+                          store_root=str(st.root), options=options)
         st.save_iteration(camp.name, 0, {"points": [p.to_dict() for p in picks], "complete": False})
         plans = {p["iteration"]: p for p in st.iterations(camp.name)}
     it = min((i for i, p in plans.items() if not p.get("complete")), default=max(plans) + 1)
@@ -93,7 +95,8 @@ def campaign_flow(campaign: str = "demo", store: str = "store", mlruns: str = "m
             nxt = []
             if not stop.stop:
                 left = None if budget_s is None else budget_s - spent
-                nxt = pick_next(calib, camp, collected_keys(st, camp.name), batch_size, left, it + 1)
+                nxt = pick_next(calib, camp, collected_keys(st, camp.name), batch_size, left, it + 1,
+                                targeting=targeting, store_root=str(st.root), options=options)
                 if not nxt:
                     stop = StopDecision(True, "no candidate left that fits the budget", stop.criteria)
             track.log_iteration(client, parent, it, calib, picks=[p.to_dict() for p in nxt], gpu_seconds=spent,

@@ -24,11 +24,36 @@ def calibrate_from_store(store_root: str, campaign: str, options: dict, plots_di
 
 
 @task(name="pick-next-points", cache_policy=NO_CACHE)
-def pick_next(calib, campaign, collected: set, batch_size: int, budget_left_s: float | None, iteration: int) -> list:
-    from rooflab.targeting import choose_next
+def pick_next(calib, campaign, collected: set, batch_size: int, budget_left_s: float | None, iteration: int,
+              *, targeting: str = "d-optimal", store_root: str | None = None, options: dict | None = None) -> list:
+    """The next batch: ``d-optimal`` (rooflab.design, SPEC §9: information per predicted GPU-second given
+    the collected training steps) or ``menu`` (rooflab.targeting: the seed's menu driven by the diagnosis)."""
+    if targeting == "menu":
+        from rooflab.targeting import choose_next
 
-    return choose_next(calib, campaign, collected, batch_size=batch_size, budget_gpu_seconds_left=budget_left_s,
-                       iteration=iteration)
+        return choose_next(calib, campaign, collected, batch_size=batch_size, budget_gpu_seconds_left=budget_left_s,
+                           iteration=iteration)
+    if targeting != "d-optimal":
+        from rooflab.errors import InputError
+
+        raise InputError(None, "targeting", f"unknown targeting {targeting!r} (known: d-optimal, menu)")
+    from rooflab.design import choose_next_doptimal
+
+    opts = options or {}
+    steps, spent = None, {"train": 0.0, "validation": 0.0}
+    if store_root is not None:
+        store = Store(store_root)
+        steps = store.steps(campaign=campaign.name, statuses=("ok",))
+        if len(steps) and "split" in steps:
+            steps = steps[steps["split"].astype(str) != "validation"]
+        runs = store.runs(campaign=campaign.name)
+        if len(runs):
+            spent = runs.groupby("split")["gpu_seconds"].sum().to_dict()
+    return choose_next_doptimal(calib, campaign, collected, steps=steps, batch_size=batch_size,
+                                budget_gpu_seconds_left=budget_left_s, iteration=iteration,
+                                variant=opts.get("variant", "roofline7+layers"), formulas=opts.get("formulas", "vllm"),
+                                heldout_gpu_s=float(spent.get("validation", 0.0)),
+                                train_gpu_s=float(spent.get("train", 0.0)))
 
 
 @task(name="stop-rule", cache_policy=NO_CACHE)

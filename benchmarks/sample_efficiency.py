@@ -1,0 +1,361 @@
+"""Sample efficiency of rooflab's active learning against the seed's static plan and random selection.
+
+On the twin (direct launcher, fast mode), for each twin truth setting (the H100-SXM and H200 ground truths,
+different GPUs with their own datasheets and efficiencies) and each seed (arrivals and the truth's noise,
+stragglers and MoE routing draws), three strategies calibrate `roofline7+layers` (vllm formulas) from the
+default campaign's candidate space:
+
+* **static**: the seed's static 99-run plan (`static99`), all of it, then one fit;
+* **random**: batches of 6 points drawn uniformly from the candidate space (training and held-out combos
+  alike), refit after each batch, until the stop rule or the budget;
+* **active**: rooflab's loop (`rooflab.design.choose_next_doptimal`, batch 6, the same stop rule), from
+  an empty store.
+
+The budget of random and active is a third of the static plan's own measured GPU-hours (`--budget-share`):
+the target is a quarter, and the curves show what a little more buys. Every strategy is scored on
+the same held-out runs: the static plan's 9 V1 runs on the 3 held-out combos (no strategy fits them; the
+active loop may collect some of them as its own validation picks, and pays for them). Reported per
+strategy: GPU-hours until the stop rule (or the budget), held-out step-time MAPE and median APE, the worst
+held-out bucket MAPE, and β errors against a reference β: the same variant fitted to the pooled static
+plans of all seeds of that truth setting (the twin's truth is not of the model's form, so this best fit is
+the "truth-implied" β). Prints a table and saves `reports/sample_efficiency.png` (GPU-hours vs held-out
+MAPE) and `reports/sample_efficiency.json`.
+
+    .venv/bin/python benchmarks/sample_efficiency.py [--seeds 5] [--truths H100-SXM,H200] [--workers 2]
+                                                     [--budget-share 0.333]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANT, FORMULAS, BATCH, N_BOOT = "roofline7+layers", "vllm", 6, 50
+MAX_ITERATIONS = 40
+
+
+def _campaign(truth: str, seed: int, workdir: Path):
+    from rooflab.campaign import load_campaign
+
+    text = (ROOT / "configs" / "campaigns" / "default.yaml").read_text()
+    text = re.sub(r"(?m)^hardware: .*$", f"hardware: {truth}", text)
+    text = re.sub(r"(?m)^seed: .*$", f"seed: {seed}", text)
+    text = re.sub(r"(?m)^name: .*$", f"name: se-{truth}-{seed}", text)
+    path = workdir / f"se-{truth}-{seed}.yaml"
+    path.write_text(text)
+    return load_campaign(str(path))
+
+
+class Data:
+    """Runs collected once per (truth, seed) and shared by the strategies (a point is the same run with
+    the same seed whoever asks for it); each strategy keeps its own list of runs and pays for them."""
+
+    def __init__(self, campaign, root: Path):
+        from rooflab.launch.direct import DirectLauncher
+        from rooflab.store import Store
+
+        self.c, self.store, self.launcher = campaign, Store(root), DirectLauncher()
+        self.runs: dict[str, dict] = {}
+
+    def get(self, point) -> dict:
+        from rooflab.collect import run_one
+        from rooflab.sweep import run_id
+
+        rid = run_id(self.c.name, point, 0)
+        if rid not in self.runs:
+            run_one(self.store, self.launcher, self.c.name, rid, point, 0, max_retries=1)
+            m = self.store.manifest(rid)
+            entry = {"status": m["status"], "gpu_s": float(m.get("gpu_seconds") or 0.0), "split": point.split,
+                     "key": point.key}
+            if m["status"] in ("ok", "saturated"):
+                entry["steps"] = self.store.steps(run_id=rid, statuses=(m["status"],))
+                entry["requests"] = self.store.requests(run_id=rid, statuses=(m["status"],))
+            self.runs[rid] = entry
+        return self.runs[rid] | {"run_id": rid}
+
+    def tables(self, rids: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        ok = [self.runs[r] for r in rids if self.runs[r]["status"] == "ok"]
+        req = [self.runs[r]["requests"] for r in rids if self.runs[r]["status"] in ("ok", "saturated")]
+        steps = pd.concat([e["steps"] for e in ok], ignore_index=True) if ok else pd.DataFrame()
+        return steps, (pd.concat(req, ignore_index=True) if req else None)
+
+
+def _fit(data: Data, rids: list[str]):
+    from rooflab.calibration import Options, calibrate
+
+    steps, req = data.tables(rids)
+    if not len(steps) or not (steps["split"] != "validation").any():
+        return None
+    try:
+        return calibrate(steps, req, Options(variant=VARIANT, formulas=FORMULAS, n_boot=N_BOOT))
+    except Exception as exc:  # too little data for a fit (e.g. a single run): keep collecting
+        print(f"    fit skipped: {exc}", file=sys.stderr)
+        return None
+
+
+def _stop(calib, campaign, spent: float, budget: float, it: int):
+    from rooflab.targeting import identifiable_betas, stop_rule
+
+    return stop_rule(calib, gpu_seconds_spent=spent, budget_gpu_seconds=budget, iteration=it,
+                     max_iterations=MAX_ITERATIONS, required=identifiable_betas(campaign))
+
+
+def _evaluate(calib, eval_steps: pd.DataFrame, ref_beta: dict | None) -> dict:
+    from rooflab.features import featurize
+    from rooflab.residuals import bucket_table, summary
+    from rooflab.variant import get_variant
+
+    if calib is None:
+        return {"heldout_mape": np.nan, "heldout_median_ape": np.nan, "worst_bucket_mape": np.nan}
+    v = get_variant(VARIANT)
+    y = eval_steps["step_time_us"].to_numpy(dtype=float)
+    pred = v.predict(featurize(eval_steps, FORMULAS), calib.beta.beta)
+    s = summary(y, pred)
+    buckets = bucket_table(eval_steps, y, pred, "validation")
+    buckets = buckets[(buckets["dimension"] != "run_id") & (buckets["steps"] >= 20)]
+    out = {"heldout_mape": s["mape"], "heldout_median_ape": s["median_ape"],
+           "worst_bucket_mape": float(buckets["mape"].max()),
+           "worst_bucket": f"{buckets.loc[buckets['mape'].idxmax(), 'dimension']}="
+                           f"{buckets.loc[buckets['mape'].idxmax(), 'bucket']}",
+           "beta": calib.beta.coefficients()}
+    return out
+
+
+def _spent(data: Data, rids) -> float:
+    return sum(data.runs[r]["gpu_s"] for r in rids)
+
+
+def run_static(data: Data, campaign) -> dict:
+    pts = campaign.design("static99")
+    rids = [data.get(p)["run_id"] for p in pts]
+    spent = _spent(data, rids)
+    calib = _fit(data, rids)
+    stop = _stop(calib, campaign, spent, None, 1)
+    but_hot = spent if not [u for u in stop.unmet if "hotspot" not in u] else None
+    return {"rids": rids, "gpu_s": spent, "runs": len(rids), "converged": stop.reason.startswith("converged"),
+            "stop_reason": stop.reason, "calib": calib, "curve": [(spent, calib)], "all_but_hotspots_gpu_s": but_hot}
+
+
+def run_loop(data: Data, campaign, budget: float, choose, label: str) -> dict:
+    """Collect a batch, refit, stop rule; repeat. ``choose(calib, collected_keys, rids, left, it)``."""
+    rids: list[str] = []
+    keys: set[str] = set()
+    calib, stop, curve = None, None, []
+    first_but_hot = None  # GPU-seconds when every criterion but "no hotspot" was first met
+    for it in range(MAX_ITERATIONS):
+        spent = _spent(data, rids)
+        picks = choose(calib, keys, rids, budget - spent, it)
+        if not picks:
+            reason = "no candidate left that fits the budget"
+            break
+        for p in picks:
+            rids.append(data.get(p)["run_id"])
+            keys.add(p.key)
+        spent = _spent(data, rids)
+        calib = _fit(data, rids)
+        stop = _stop(calib, campaign, spent, budget, it + 1) if calib is not None else None
+        curve.append((spent, calib))
+        if stop is not None and first_but_hot is None and not [u for u in stop.unmet if "hotspot" not in u]:
+            first_but_hot = spent
+        if stop is not None and stop.stop:
+            reason = stop.reason
+            break
+    else:
+        reason = "iteration cap"
+    return {"rids": rids, "gpu_s": _spent(data, rids), "runs": len(rids),
+            "converged": bool(stop is not None and stop.reason.startswith("converged")), "stop_reason": reason,
+            "calib": calib, "curve": curve, "all_but_hotspots_gpu_s": first_but_hot}
+
+
+def job(truth: str, seed: int, workdir: str, budget_share: float) -> dict:
+    from rooflab.design import choose_next_doptimal
+
+    t0 = time.time()
+    wd = Path(workdir) / f"{truth}-{seed}"
+    wd.mkdir(parents=True, exist_ok=True)
+    campaign = _campaign(truth, seed, wd)
+    data = Data(campaign, wd / "store")
+    static = run_static(data, campaign)
+    budget = static["gpu_s"] * budget_share
+    eval_rids = [r for r in static["rids"] if data.runs[r]["split"] == "validation" and data.runs[r]["status"] == "ok"]
+    eval_keys = {data.runs[r]["key"] for r in eval_rids}
+    eval_steps, _ = data.tables(eval_rids)
+
+    def active(calib, keys, rids, left, it):
+        train = [r for r in rids if data.runs[r]["status"] == "ok" and data.runs[r]["split"] == "train"]
+        steps, _ = data.tables(train)
+        spent = {"train": sum(data.runs[r]["gpu_s"] for r in rids if data.runs[r]["split"] == "train"),
+                 "validation": sum(data.runs[r]["gpu_s"] for r in rids if data.runs[r]["split"] == "validation")}
+        picks = choose_next_doptimal(calib, campaign, keys, steps=steps if len(steps) else None, batch_size=BATCH,
+                                     budget_gpu_seconds_left=left, iteration=it, variant=VARIANT, formulas=FORMULAS,
+                                     heldout_gpu_s=spent["validation"], train_gpu_s=spent["train"])
+        return [p.point for p in picks]
+
+    rng = np.random.default_rng(1000 + seed)
+    order = list(rng.permutation(len(campaign.candidates())))
+    cands = campaign.candidates()
+
+    def random(calib, keys, rids, left, it):
+        out, cost = [], 0.0
+        while order and len(out) < BATCH:
+            p = cands[order.pop(0)]
+            c = campaign.gpu_seconds([p])
+            if p.key in keys or cost + c > left:
+                continue
+            out.append(p)
+            cost += c
+        return out
+
+    res = {"static": static, "active": run_loop(data, campaign, budget, active, "active"),
+           "random": run_loop(data, campaign, budget, random, "random")}
+    out = {"truth": truth, "seed": seed, "budget_gpu_s": budget, "static_gpu_s": static["gpu_s"], "eval_runs": len(eval_rids),
+           "eval_steps": int(len(eval_steps)), "seconds": 0.0, "strategies": {}}
+    for name, r in res.items():
+        curve = [(g / 3600, _evaluate(c, eval_steps, None)["heldout_mape"]) for g, c in r["curve"]]
+        ev = _evaluate(r["calib"], eval_steps, None)
+        but = r["all_but_hotspots_gpu_s"]
+        out["strategies"][name] = {"gpu_h": r["gpu_s"] / 3600, "runs": r["runs"], "converged": r["converged"],
+                                   "all_but_hotspots_gpu_h": np.nan if but is None else but / 3600,
+                                   "unmet": r["stop_reason"].split("unmet: ")[-1] if "unmet" in r["stop_reason"] else "",
+                                   "stop_reason": r["stop_reason"], "curve": curve,
+                                   "uses_eval_runs": sum(data.runs[x]["key"] in eval_keys for x in r["rids"]), **ev}
+    # pooled static data of this truth+seed, for the reference β (pooled over seeds by the parent)
+    steps, _ = data.tables([r for r in static["rids"] if data.runs[r]["split"] == "train"])
+    out["static_steps_path"] = str(wd / "static_train_steps.parquet")
+    steps.to_parquet(out["static_steps_path"])
+    out["seconds"] = time.time() - t0
+    print(f"  {truth} seed {seed}: {out['seconds']:.0f} s — " + ", ".join(
+        f"{k} {v['gpu_h']:.2f} GPU-h {'converged' if v['converged'] else 'not converged'} "
+        f"held-out MAPE {v['heldout_mape']:.1%}" for k, v in out["strategies"].items()), flush=True)
+    return out
+
+
+def reference_betas(results: list[dict]) -> dict:
+    from rooflab.calibration import Options, calibrate
+
+    refs = {}
+    for truth in sorted({r["truth"] for r in results}):
+        steps = pd.concat([pd.read_parquet(r["static_steps_path"]) for r in results if r["truth"] == truth],
+                          ignore_index=True)
+        calib = calibrate(steps, None, Options(variant=VARIANT, formulas=FORMULAS, n_boot=10))
+        refs[truth] = calib.beta.coefficients()
+    return refs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--truths", default="H100-SXM,H200")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--budget-share", type=float, default=1 / 3,
+                    help="GPU budget of random and active, as a share of the static plan's measured GPU-hours")
+    ap.add_argument("--out", default=str(ROOT / "reports"))
+    ap.add_argument("--keep", action="store_true", help="keep the per-job data stores (in a temp folder)")
+    args = ap.parse_args()
+    t0 = time.time()
+    workdir = Path(tempfile.mkdtemp(prefix="rooflab-se-"))
+    jobs = [(t, s) for s in range(args.seeds) for t in args.truths.split(",")]
+    print(f"sample efficiency: {len(jobs)} jobs ({args.truths} × {args.seeds} seeds), {args.workers} workers")
+    try:
+        with ProcessPoolExecutor(max_workers=args.workers) as ex:
+            results = list(ex.map(job, [t for t, _ in jobs], [s for _, s in jobs], [str(workdir)] * len(jobs),
+                                  [args.budget_share] * len(jobs)))
+        refs = reference_betas(results)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    rows = []
+    for r in results:
+        ref = refs[r["truth"]]
+        for name, s in r["strategies"].items():
+            errs = {k: abs(s["beta"][k] - ref[k]) / abs(ref[k]) for k in ("beta1", "beta2", "beta3", "beta4", "beta5")
+                    if "beta" in s and ref.get(k)}
+            rows.append({"truth": r["truth"], "seed": r["seed"], "strategy": name, "gpu_h": s["gpu_h"],
+                         "runs": s["runs"], "converged": s["converged"], "heldout_mape": s["heldout_mape"],
+                         "heldout_median_ape": s["heldout_median_ape"], "worst_bucket_mape": s["worst_bucket_mape"],
+                         "worst_bucket": s.get("worst_bucket", ""), "max_beta1_5_err": max(errs.values()) if errs else np.nan,
+                         "all_but_hotspots_gpu_h": s["all_but_hotspots_gpu_h"], "unmet_at_end": s["unmet"],
+                         "static_gpu_h": r["static_gpu_s"] / 3600, "stop_reason": s["stop_reason"]})
+    df = pd.DataFrame(rows)
+    df["ratio_vs_static"] = df["gpu_h"] / df["static_gpu_h"]
+    df["but_hot_ratio"] = df["all_but_hotspots_gpu_h"] / df["static_gpu_h"]
+    pd.set_option("display.width", 200)
+    cols = ["truth", "seed", "strategy", "runs", "gpu_h", "ratio_vs_static", "converged", "but_hot_ratio",
+            "heldout_mape", "heldout_median_ape", "worst_bucket_mape", "max_beta1_5_err"]
+    fmt = {"gpu_h": "{:.2f}".format, "ratio_vs_static": "{:.2f}".format, "but_hot_ratio": "{:.2f}".format, "heldout_mape": "{:.1%}".format,
+           "heldout_median_ape": "{:.1%}".format, "worst_bucket_mape": "{:.1%}".format,
+           "max_beta1_5_err": "{:.1%}".format}
+    print("\nper job")
+    print(df[cols].to_string(index=False, formatters=fmt))
+    agg = df.groupby(["truth", "strategy"]).agg(
+        runs=("runs", "median"), gpu_h=("gpu_h", "median"), ratio_vs_static=("ratio_vs_static", "median"),
+        converged=("converged", "sum"), but_hot_ratio=("but_hot_ratio", "median"),
+        heldout_mape=("heldout_mape", "median"),
+        heldout_median_ape=("heldout_median_ape", "median"), worst_bucket_mape=("worst_bucket_mape", "median"),
+        max_beta1_5_err=("max_beta1_5_err", "median")).reset_index()
+    agg["converged"] = agg["converged"].astype(int).astype(str) + f"/{args.seeds}"
+    print("\nper job: why the loops stopped")
+    for r in df.itertuples():
+        print(f"  {r.truth} seed {r.seed} {r.strategy}: {r.stop_reason[:160]}")
+    print("\nmedian over seeds (converged: seeds that reached the stop rule; but_hot_ratio: GPU-hours, as a share "
+          "of static's, when every criterion except 'no hotspot' was first met)")
+    print(agg.to_string(index=False, formatters=fmt))
+    print("\nreference β (pooled static plans): " + "; ".join(
+        f"{t}: " + " ".join(f"{k}={v:.3g}" for k, v in b.items()) for t, b in refs.items()))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sample_efficiency.json").write_text(json.dumps(
+        {"rows": df.to_dict(orient="records"), "reference_beta": refs,
+         "curves": {f"{r['truth']}|{r['seed']}|{k}": s["curve"] for r in results for k, s in r["strategies"].items()}},
+        indent=1, default=float))
+    _plot(results, out / "sample_efficiency.png")
+    print(f"\nwrote {out / 'sample_efficiency.json'} and {out / 'sample_efficiency.png'}; total {time.time() - t0:.0f} s")
+
+
+def _plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    truths = sorted({r["truth"] for r in results})
+    fig, axes = plt.subplots(1, len(truths), figsize=(6 * len(truths), 4.2), squeeze=False)
+    colors = {"static": "tab:gray", "random": "tab:orange", "active": "tab:blue"}
+    for ax, truth in zip(axes[0], truths):
+        for r in (r for r in results if r["truth"] == truth):
+            for name, s in r["strategies"].items():
+                xs, ys = zip(*s["curve"]) if s["curve"] else ((), ())
+                kw = dict(color=colors[name], alpha=0.7, label=name if r["seed"] == 0 else None)
+                if name == "static":
+                    ax.scatter(xs, ys, marker="s", **kw)
+                else:
+                    ax.plot(xs, ys, marker=".", **kw)
+                if s["converged"] and name != "static":
+                    ax.scatter([xs[-1]], [ys[-1]], marker="*", s=120, color=colors[name], zorder=5)
+        ax.axhline(0.10, color="k", lw=0.6, ls=":")
+        ax.set_title(f"twin truth {truth} (★ = stop rule met)")
+        ax.set_xlabel("GPU-hours collected")
+        ax.set_ylabel("held-out step-time MAPE (static plan's V1 runs)")
+        ax.set_ylim(0, 0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
