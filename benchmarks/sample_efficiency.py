@@ -111,7 +111,8 @@ def _stop(calib, campaign, spent: float, budget: float, it: int):
     from rooflab.targeting import identifiable_betas, stop_rule
 
     return stop_rule(calib, gpu_seconds_spent=spent, budget_gpu_seconds=budget, iteration=it,
-                     max_iterations=MAX_ITERATIONS, required=identifiable_betas(campaign))
+                     max_iterations=MAX_ITERATIONS, required=identifiable_betas(campaign),
+                     heldout_models=tuple(sorted({c.model for c in campaign.validation_combos})))
 
 
 def _evaluate(calib, eval_steps: pd.DataFrame, ref_beta: dict | None) -> dict:

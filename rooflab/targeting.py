@@ -127,14 +127,18 @@ def data_prior_ratio(calib, j: int) -> float:
 
 
 def stop_rule(calib, *, gpu_seconds_spent: float, budget_gpu_seconds: float | None, iteration: int,
-              max_iterations: int | None, required: tuple[str, ...] = RANGE_BETAS) -> StopDecision:
+              max_iterations: int | None, required: tuple[str, ...] = RANGE_BETAS,
+              heldout_models: tuple[str, ...] = ()) -> StopDecision:
     """Decide whether the campaign stops after this calibration (SPEC §9).
 
     ``iteration``: iterations completed so far (collect + refit, the bootstrap counting as the first);
     the cap is reached when ``iteration >= max_iterations``. ``required``: the βs of β1–β5 that must be
     identified and in range (default all five; see :func:`identifiable_betas`). A β counts as identified
     when its data/prior precision (:func:`data_prior_ratio`) is ≥ 1 — a β whose feature is zero in all
-    data, or that the prior dominates, is not. Variants with β_L·L judge β7 + β_L·L's CV together. Criteria ``budget`` and ``iteration_cap`` say whether that limit is reached."""
+    data, or that the prior dominates, is not. Variants with β_L·L judge β7 + β_L·L's CV together.
+    Bootstrap CVs count only from a whole-run bootstrap (≥ 5 training runs: a block bootstrap within
+    fewer runs cannot see run-to-run variation). ``heldout_models``: the held-out MAPE counts only once
+    every one of them has held-out data (one lucky held-out run is not a space-filling validation). Criteria ``budget`` and ``iteration_cap`` say whether that limit is reached."""
     crit: dict[str, dict] = {}
     if calib is None:
         crit["calibration"] = {"met": False, "value": None, "threshold": None, "text": "no calibration yet"}
@@ -165,6 +169,10 @@ def stop_rule(calib, *, gpu_seconds_spent: float, budget_gpu_seconds: float | No
         cvs = [c for c in calib.health if c.check == "bootstrap CV"]
         if len(fit.draws) < 2:
             crit["bootstrap_cv"] = {"met": False, "value": None, "threshold": MAX_CV, "text": "no bootstrap draws"}
+        elif fit.unit_kind != "run":
+            crit["bootstrap_cv"] = {"met": False, "value": len(fit.runs), "threshold": MAX_CV,
+                                    "text": f"bootstrap over blocks of {len(fit.runs)} training run"
+                                            f"{'s' if len(fit.runs) != 1 else ''} (whole runs need ≥ 5)"}
         split = _per_step_overhead_cv(calib)
         if split is not None:  # β7 and β_L·L are one per-step overhead, judged together (see the README)
             cvs = [c for c in cvs if c.target not in ("beta7", "beta_layer")]
@@ -187,6 +195,15 @@ def stop_rule(calib, *, gpu_seconds_spent: float, budget_gpu_seconds: float | No
         else:
             m = float(val["mape"])
             met = bool(m < MAX_VALIDATION_MAPE)
+        res = calib.residuals
+        seen = set(res.loc[(res["split"] == "validation") & (res["dimension"] == "model") & (res["steps"] > 0),
+                           "bucket"].astype(str))
+        missing = [m_ for m_ in heldout_models if m_ not in seen]
+        if missing:
+            crit["validation_coverage"] = {"met": False, "value": len(heldout_models) - len(missing),
+                                           "threshold": len(heldout_models),
+                                           "text": f"no held-out data on {', '.join(missing)} yet"}
+        if val and val.get("steps"):
             crit["validation_mape"] = {"met": met, "value": m, "threshold": MAX_VALIDATION_MAPE,
                                        "text": f"validation MAPE {m:.1%} {'<' if met else '>'} "
                                                f"{MAX_VALIDATION_MAPE:.0%}"}

@@ -65,4 +65,5 @@ def decide_stop(calib, campaign, *, gpu_seconds_spent: float, budget_gpu_seconds
 
     return stop_rule(calib, gpu_seconds_spent=gpu_seconds_spent, budget_gpu_seconds=budget_gpu_seconds,
                      iteration=iterations_done, max_iterations=max_iterations,
-                     required=tuple(identifiable_betas(campaign)))
+                     required=tuple(identifiable_betas(campaign)),
+                     heldout_models=tuple(sorted({c.model for c in campaign.validation_combos})))
