@@ -18,7 +18,8 @@ idx   BLIS     BLIS meaning                         unit       rooflab source (n
                                                                loads ALL experts; rooflab puts routed
                                                                experts, N_eff of them, under beta4, which
                                                                has no BLIS slot)
-3     β4       TP communication correction          ×          beta5
+3     β4       TP communication correction          ×          beta5 (vllm formulas: × HBM / link bandwidth,
+                                                               see below)
 4     β5       per-layer overhead                   µs/layer   beta_layer (0 when the variant has none:
                                                                roofline7 folds it into beta7)
 5     β6       per-request overhead                 µs/req     beta6
@@ -29,6 +30,12 @@ idx   BLIS     BLIS meaning                         unit       rooflab source (n
 10    β_EP     MoE all-to-all comm correction       ×          beta5 (rooflab fits no EP; BLIS's own
                                                                default for an omitted β_EP is β4)
 ====  =======  ===================================  =========  ==========================================
+
+TP communication: BLIS's β4 multiplies the all-reduce bytes over *HBM* bandwidth (the PR's form, which
+rooflab's ``design`` formulas keep). rooflab's ``vllm`` formulas put the bytes over the GPU link plus
+2(TP−1) hops of link latency per all-reduce (FORMULAS.md §4.5, physical). Exporting a ``vllm`` fit
+converts the bandwidth part: β4 = β5 × HBM / link bandwidth of the fit's hardware (H100-SXM: × 7.44).
+The latency part has no BLIS slot and is left out; the YAML says so.
 
 α maps 1:1 (µs): α0 → QueueingTime, α1 → PostDecodeFixedOverhead, α2 → OutputTokenProcessingTime
 (µs/token). When α was not fitted (no request data) the three are written as 0 (or ``alpha_fallback``)
@@ -233,6 +240,10 @@ def to_blis(calib, *, alpha_fallback: list[float] | None = None) -> dict:
     doc = as_dict(calib)
     coefs = doc["beta"]["coefficients"]
     beta = [_value(coefs, r) for _, _, _, r, _ in _BLIS_BETA]
+    scale, _ = _tp_scale(doc)
+    for i, (name, *_rest) in enumerate(_BLIS_BETA):
+        if name in ("β4", "β_EP"):
+            beta[i] *= scale
     a = doc.get("alpha") or {}
     if a.get("fitted"):
         alpha = [_value(a["coefficients"], r) for _, _, _, r in _BLIS_ALPHA]
@@ -241,6 +252,21 @@ def to_blis(calib, *, alpha_fallback: list[float] | None = None) -> dict:
         if len(alpha) != 3:
             raise InputError(None, "alpha_fallback", f"expected 3 values, got {len(alpha)}")
     return {BLIS_KEY: {"alpha_coeffs": alpha, "beta_coeffs": beta}}
+
+
+def _tp_scale(doc: dict) -> tuple[float, str]:
+    """Factor from rooflab's β5 to BLIS's β4 and a note: 1 for the design formulas (same feature); for the
+    vllm formulas HBM / link bandwidth of the fit's hardware (the context's, else H100-SXM)."""
+    if (doc.get("beta") or {}).get("formulas", "vllm") == "design":
+        return 1.0, ""
+    from rooflab.hardware import load_hardware
+
+    hw_name = _context(doc).get("hardware") or "H100-SXM"
+    hw = load_hardware(hw_name)
+    scale = hw.hbm_tb_s * 1e3 / hw.nvlink_gb_s_per_direction
+    return scale, (f"β5 × {scale:.3g} (HBM {hw.hbm_tb_s:g} TB/s / link {hw.nvlink_gb_s_per_direction:g} GB/s of "
+                   f"{hw.name}): BLIS's TP bytes are over HBM; rooflab's link latency part "
+                   f"({hw.link_latency_us:g} µs per hop) has no BLIS slot and is left out")
 
 
 def _f(v) -> str:
@@ -289,6 +315,8 @@ def blis_yaml(calib, *, alpha_fallback: list[float] | None = None) -> str:
             src = f"← {r}: not in variant {b.get('variant')} → 0"
         else:
             src = "← unmapped → 0"
+        if name in ("β4", "β_EP") and _tp_scale(doc)[1]:
+            note = _tp_scale(doc)[1] + (f"; {note}" if note else "")
         lines.append(f"  # [{i}] {name}: {meaning} ({unit}) {src}" + (f"; {note}" if note else ""))
     for r, why in UNMAPPED_ROOFLAB.items():
         if r in coefs:

@@ -203,7 +203,14 @@ def test_to_blis_has_blis_layout(calib):
     bc = layout["beta_coeffs"]
     assert bc[0] == bc[8] == pytest.approx(beta["beta1"])  # β1a, β1b
     assert bc[1] == bc[9] == pytest.approx(beta["beta2"])  # β2a, β2b
-    assert bc[2] == pytest.approx(beta["beta3"]) and bc[3] == pytest.approx(beta["beta5"])
+    # vllm formulas: rooflab's all-reduce is over the link, BLIS's over HBM -> β4 = β5 × HBM / link (H100: 7.44)
+    assert calib.beta.formulas == "vllm"
+    assert bc[2] == pytest.approx(beta["beta3"]) and bc[3] == pytest.approx(beta["beta5"] * 3350 / 450)
+    assert bc[10] == pytest.approx(bc[3])  # β_EP copies the TP-comm β
+    design = calib.to_dict()
+    design["beta"] = {**design["beta"], "formulas": "design"}
+    assert export.to_blis(design)[export.BLIS_KEY]["beta_coeffs"][3] == pytest.approx(beta["beta5"])
+    assert "has no BLIS slot and is left out" in export.blis_yaml(calib)
     assert bc[4] == 0.0 and bc[7] == 0.0  # no per-layer term in roofline7; β8 unmapped
     assert bc[5] == pytest.approx(beta["beta6"]) and bc[6] == pytest.approx(beta["beta7"])
     assert layout["alpha_coeffs"] == [0.0, 0.0, 0.0]  # α not fitted
