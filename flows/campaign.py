@@ -16,7 +16,7 @@ from rooflab.campaign import load_campaign
 from rooflab.store import Store
 from rooflab.sweep import SweepPoint
 from tasks import track
-from tasks.analyze import calibrate_from_store, decide_stop, pick_next
+from tasks.analyze import calibrate_from_store, decide_stop, heldout_replay_error, pick_next
 from tasks.launch import launch_point
 
 
@@ -50,7 +50,7 @@ def _beta_line(calib) -> str:
 def campaign_flow(campaign: str = "demo", store: str = "store", mlruns: str = "mlruns",
                   launcher: str = "inference-perf", batch_size: int = 6, max_iterations: int = 4,
                   variant: str = "roofline7+layers", formulas: str = "vllm", n_boot: int = 100,
-                  targeting: str = "d-optimal") -> dict:
+                  targeting: str = "d-optimal", replay_stop: bool = False) -> dict:
     from rooflab.launch.factory import close_launcher, make_launcher
     from rooflab.targeting import StopDecision
 
@@ -60,7 +60,7 @@ def campaign_flow(campaign: str = "demo", store: str = "store", mlruns: str = "m
     client = track.client(Path(mlruns))
     parent = track.start_campaign(client, camp.name, params={
         "campaign": camp.name, "launcher": launcher, "batch_size": batch_size, "max_iterations": max_iterations,
-        "variant": variant, "formulas": formulas, "budget_gpu_hours": camp.budget_gpu_hours, "targeting": targeting,
+        "variant": variant, "formulas": formulas, "budget_gpu_hours": camp.budget_gpu_hours, "targeting": targeting, "replay_stop": replay_stop,
         "combos": ", ".join(f"{c.model}/tp{c.tp}" for c in camp.combos)})
     options = {"variant": variant, "formulas": formulas, "n_boot": n_boot}
     budget_s = camp.budget_gpu_hours * 3600 if camp.budget_gpu_hours else None
@@ -90,8 +90,9 @@ def campaign_flow(campaign: str = "demo", store: str = "store", mlruns: str = "m
                                  f"calibrate ({failed} failed: {'; '.join(reasons)[:300]})")
             spent = st.gpu_seconds(campaign=camp.name)
             calib = calibrate_from_store(str(st.root), camp.name, options, str(artifacts_root / f"iter-{it}" / "plots"))
+            replay = heldout_replay_error(str(st.root), camp.name, calib) if replay_stop else None
             stop = decide_stop(calib, camp, gpu_seconds_spent=spent, budget_gpu_seconds=budget_s,
-                               iterations_done=it + 1, max_iterations=max_iterations)
+                               iterations_done=it + 1, max_iterations=max_iterations, replay=replay)
             nxt = []
             if not stop.stop:
                 left = None if budget_s is None else budget_s - spent

@@ -52,7 +52,30 @@ def validate_flow(campaign: str, model: str, tp: int, hardware: str | None = Non
     run = track.log_refit(client, camp.name, calib, artifacts_dir=Path(mlruns) / "work" / camp.name / "validate",
                           reason=f"validate {model} tp{tp}: V1 MAPE {mape:.1%}")
     print(f"V1 on {model} TP{tp}: {len(ids)} runs, step-time MAPE {mape:.1%} with the current coefficients")
-    return {"model": model, "tp": tp, "v1_mape": mape, "runs": sorted(ids), "mlflow_run_id": run}
+    replay = replay_verdict(st, calib, sorted(ids))
+    print(f"V1 replay on {model} TP{tp}: {replay['verdict']}")
+    return {"model": model, "tp": tp, "v1_mape": mape, "runs": sorted(ids), "mlflow_run_id": run, "replay": replay}
+
+
+REPLAY_TARGETS = {"ttft": 0.12, "itl": 0.05, "e2e": 0.05}  # SPEC §12: median held-out MAPE
+
+
+def replay_verdict(store, calib, run_ids: list[str]) -> dict:
+    """The request-level verdict (issue 7): replay the V1 runs' requests through the scheduler with the current
+    coefficients and compare TTFT / ITL / E2E with the measured ones (median over runs of the APE of the run's
+    mean) against SPEC §12's targets."""
+    from rooflab.errors import InputError
+    from rooflab.replay import store_replay_error
+
+    try:
+        err = store_replay_error(store, calib, runs=run_ids)
+    except InputError as exc:
+        return {"verdict": f"no replay ({exc})", "passed": None}
+    if not err["n_runs"]:
+        return {**err, "verdict": "no replayable runs", "passed": None}
+    passed = all(err[m] <= t for m, t in REPLAY_TARGETS.items())
+    text = ", ".join(f"{m.upper()} {err[m]:.1%} (≤ {t:.0%})" for m, t in REPLAY_TARGETS.items())
+    return {**err, "passed": passed, "verdict": f"{'pass' if passed else 'fail'}: {text} over {err['n_runs']} runs"}
 
 
 @flow(name="rooflab-new-model", log_prints=True)

@@ -168,6 +168,9 @@ def campaign_cmd(
     max_iterations: int = typer.Option(3, help="iteration cap (bootstrap = iteration 0)"),
     variant: str = typer.Option("roofline7+layers", help="model variant to fit"),
     boot: int = typer.Option(100, help="bootstrap draws per fit"),
+    targeting: str = typer.Option("d-optimal", help="d-optimal (information per predicted GPU-second) or menu"),
+    replay_stop: bool = typer.Option(False, "--replay-stop", help="the stop rule also requires the held-out "
+                                     "request-level replay error within SPEC §12's targets"),
 ):
     """Run the active-learning campaign (Prefect flow, MLflow tracking) until the stop rule. Resumable."""
     import os
@@ -180,7 +183,8 @@ def campaign_cmd(
     get_variant(variant)
     result = campaign_flow(campaign=campaign, store=str(store), mlruns=str(mlruns),
                            launcher="direct" if fast else "inference-perf", batch_size=batch_size,
-                           max_iterations=max_iterations, variant=variant, n_boot=boot)
+                           max_iterations=max_iterations, variant=variant, n_boot=boot, targeting=targeting,
+                           replay_stop=replay_stop)
     print()
     print(f"campaign {result['campaign']}: {result['iterations']} iterations, "
           f"{result['gpu_hours']:.3f} GPU-hours, stopped: {result['stop_reason']}")
@@ -306,6 +310,164 @@ def export(
 
     atomic_write_text(out, text)
     print(f"wrote {out} ({fmt})")
+
+
+def _engine_overrides(max_num_seqs, max_num_batched_tokens, num_gpu_blocks, max_model_len, prefix_caching) -> dict:
+    vals = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
+            "num_gpu_blocks": num_gpu_blocks, "max_model_len": max_model_len,
+            "enable_prefix_caching": prefix_caching}
+    return {k: v for k, v in vals.items() if v is not None}
+
+
+def _load_traces(requests: list[str], root, prefix, model, tp, hardware, engine: dict, window: Optional[str]):
+    from rooflab.replay import read_trace
+
+    traces = []
+    for spec in requests:
+        tr = read_trace(spec, root=root, prefix=prefix, model=model, tp=tp, hardware=hardware, engine=engine or None)
+        tr.engine.update(engine)  # explicit settings win over what the trace recorded
+        if window:
+            try:
+                a, b = (float(x) for x in window.split(":"))
+            except ValueError:
+                raise InputError(None, "--window", f"expected START:END seconds, got {window!r}") from None
+            tr = tr.window(a, b)
+        traces.append(tr)
+    return traces
+
+
+_REQ_HELP = ("request trace: a real run name (or its request file) under --root, a data store run folder "
+             "(store/runs/<id>), an inference-perf per_request_lifecycle_metrics.json, or a request table "
+             "(.parquet/.csv; these two need --model/--tp). Repeat for several runs")
+
+
+@app.command()
+def replay(
+    coefficients: Path = typer.Option(..., "--coefficients", help="fitted coefficients: `rooflab fit --out` JSON, "
+                                      "`rooflab export --format json`, `calibrate-e2e --out`, or a BLIS YAML"),
+    requests: list[str] = typer.Option(..., "--requests", help=_REQ_HELP),
+    root: Optional[Path] = typer.Option(None, help="real data folder (default ../shared/data/real)"),
+    prefix: str = typer.Option("prompt", help="real runs: prefix cache groups prompt | system | none"),
+    model: Optional[str] = typer.Option(None), tp: Optional[int] = typer.Option(None),
+    hardware: str = typer.Option("H100-SXM"),
+    max_num_seqs: Optional[int] = typer.Option(None), max_num_batched_tokens: Optional[int] = typer.Option(None),
+    num_gpu_blocks: Optional[int] = typer.Option(None), max_model_len: Optional[int] = typer.Option(None),
+    prefix_caching: Optional[bool] = typer.Option(None, "--prefix-caching/--no-prefix-caching"),
+    window: Optional[str] = typer.Option(None, help="replay only requests arriving in START:END seconds "
+                                                    "(after a 30 s warm-up that is not scored)"),
+    no_timeout: bool = typer.Option(False, "--no-timeout", help="never abort requests at the client timeout"),
+    plot: Optional[Path] = typer.Option(None, help="predicted-vs-measured plot (PNG)"),
+    out: Optional[Path] = typer.Option(None, help="write metrics (JSON) here"),
+    per_request: Optional[Path] = typer.Option(None, help="write per-request predictions (.parquet/.csv)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of the table"),
+):
+    """Replay request traces through the twin's scheduler with the fitted step-time model and α; compare the
+    predicted TTFT / ITL / E2E with the measured ones (per run: APE of mean / P90 / P99, per-request APE,
+    Pearson r, grade)."""
+    from rooflab import replay as rp
+
+    if prefix not in ("prompt", "system", "none"):
+        raise InputError(None, "--prefix", f"expected prompt, system or none, got {prefix!r}")
+    coefs = rp.load_coefficients(coefficients)
+    engine = _engine_overrides(max_num_seqs, max_num_batched_tokens, num_gpu_blocks, max_model_len, prefix_caching)
+    traces = _load_traces(requests, root, prefix, model, tp, hardware, engine, window)
+    results, frames = {}, {}
+    for tr in traces:
+        res = rp.replay(tr, coefs, timeout=not no_timeout)
+        c = rp.compare(res)
+        c["replay"] = {"steps": res.n_steps, "wall_s": round(res.wall_s, 3), "steps_per_s": round(res.steps_per_s),
+                       "sim_s": res.sim_time_s, **res.stats}
+        if c["measured_failed"] or c["predicted_failed"]:
+            c["saturation"] = rp.saturation_report(res)
+        results[tr.run_id] = c
+        frames[tr.run_id] = res.requests
+    doc = {"coefficients": coefs.to_dict(), "runs": results}
+    if plot:
+        rp.plot_replay(frames, plot)
+    if per_request:
+        import pandas as pd
+
+        df = pd.concat([f.assign(run_id=k) for k, f in frames.items()], ignore_index=True)
+        df["prefix_group"] = df["prefix_group"].astype("string")
+        per_request.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(per_request, index=False) if per_request.suffix == ".csv" else df.to_parquet(per_request)
+    if out:
+        atomic_write_text(out, json_dumps(doc))
+    if as_json:
+        print(json_dumps(doc))
+        return
+    for note in coefs.notes:
+        print(f"note: {note}")
+    print(replay_table(results))
+
+
+def replay_table(results: dict) -> str:
+    pct = lambda v: "-" if v is None or v != v else f"{100 * v:.1f}%"
+    header = ["run", "metric", "measured mean", "predicted mean", "mean APE", "P90 APE", "P99 APE",
+              "per-req MAPE", "r", "grade", "failed meas/pred"]
+    rows = []
+    for run, c in results.items():
+        for m in ("ttft", "itl", "e2e"):
+            x = c.get(m) or {}
+            if not x.get("n"):
+                continue
+            rows.append([str(run), m.upper(), f"{x['measured_mean_ms']:.1f} ms", f"{x['predicted_mean_ms']:.1f} ms",
+                         pct(x["mean_ape"]), pct(x["p90_ape"]), pct(x["p99_ape"]), pct(x["request_mape"]),
+                         f"{x['pearson_r']:.3f}", x["grade"], f"{c['measured_failed']}/{c['predicted_failed']}"])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
+                     for r in [header, ["-" * w for w in widths], *rows])
+
+
+@app.command("calibrate-e2e")
+def calibrate_e2e_cmd(
+    requests: list[str] = typer.Option(..., "--requests", help="training runs' request traces. " + _REQ_HELP),
+    start: str = typer.Option("priors", help="start point: 'priors' or a coefficients file (e.g. a step-level "
+                                             "`rooflab fit --out`)"),
+    root: Optional[Path] = typer.Option(None, help="real data folder (default ../shared/data/real)"),
+    prefix: str = typer.Option("prompt", help="real runs: prefix cache groups prompt | system | none"),
+    model: Optional[str] = typer.Option(None), tp: Optional[int] = typer.Option(None),
+    hardware: str = typer.Option("H100-SXM"),
+    max_num_seqs: Optional[int] = typer.Option(None), max_num_batched_tokens: Optional[int] = typer.Option(None),
+    num_gpu_blocks: Optional[int] = typer.Option(None), max_model_len: Optional[int] = typer.Option(None),
+    prefix_caching: Optional[bool] = typer.Option(None, "--prefix-caching/--no-prefix-caching"),
+    variant: str = typer.Option("roofline7+layers", help="model variant: roofline7 | roofline7+layers"),
+    prior: float = typer.Option(1e-3, help="prior strength λ toward β1–β5 = 1"),
+    iterations: int = typer.Option(4, help="stacked per-request fixed-point iterations"),
+    polish: int = typer.Option(12, help="Nelder–Mead replay evaluations after the stacked fit (0: none)"),
+    window_s: float = typer.Option(180.0, help="seconds of each run replayed per window during the search (0: all)"),
+    windows: int = typer.Option(2, help="windows per run"),
+    alpha_only: bool = typer.Option(False, "--alpha-only", help="keep β of --start, fit α only"),
+    out: Optional[Path] = typer.Option(None, help="write the coefficients (rooflab coefficients JSON) here"),
+    check: bool = typer.Option(True, "--check/--no-check", help="replay the full training runs with the result"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """End-to-end calibration: fit β/α from request data only, by minimising the replay error (TTFT and E2E
+    APE) of the training runs."""
+    from rooflab import replay as rp
+    from rooflab.e2e import E2EOptions, calibrate_e2e
+
+    get_variant(variant)
+    engine = _engine_overrides(max_num_seqs, max_num_batched_tokens, num_gpu_blocks, max_model_len, prefix_caching)
+    traces = _load_traces(requests, root, prefix, model, tp, hardware, engine, None)
+    start_c = None if start == "priors" else rp.load_coefficients(start)
+    opts = E2EOptions(variant=variant, prior_strength=prior, iterations=iterations, polish_evals=polish,
+                      window_s=window_s or None, windows=windows, fit_beta=not alpha_only)
+    res = calibrate_e2e(traces, start_c, opts, log=None if as_json else (lambda m: print(m, flush=True)))
+    doc = {"coefficients": res.coefficients.to_dict(), "calibration": res.to_dict()}
+    if check:
+        doc["full_replay"] = {tr.run_id: rp.compare(rp.replay(tr, res.coefficients)) for tr in traces}
+    if out:
+        atomic_write_text(out, json_dumps(res.coefficients.to_dict()))
+    if as_json:
+        print(json_dumps(doc))
+        return
+    c = res.coefficients
+    print("β: " + ", ".join(f"{k}={v:.4g}" for k, v in c.beta.items()))
+    print(f"α: α0={c.alpha[0]:.4g} µs, α1={c.alpha[1]:.4g} µs, α2={c.alpha[2]:.4g} µs/token")
+    print(f"{res.seconds:.0f} s")
+    if check:
+        print(replay_table(doc["full_replay"]))
 
 
 twin_app = typer.Typer(add_completion=False, no_args_is_help=True,

@@ -53,6 +53,7 @@ from rooflab.sweep import SweepPoint
 BETA_RANGE = (0.3, 5.0)
 MAX_CV = 0.30
 MAX_VALIDATION_MAPE = 0.10
+REPLAY_TARGETS = {"ttft": 0.12, "itl": 0.05, "e2e": 0.05}  # SPEC §12, median over held-out runs (optional)
 MIN_DATA_PRIOR_PRECISION = 1.0  # below: the prior, not the data, set the β ("not identified")
 RANGE_BETAS = ("beta1", "beta2", "beta3", "beta4", "beta5")
 HOTSPOT_DIMENSIONS = ("model", "phase_mix", "batch_size", "context", "tp", "workload")  # SPEC §8; not run_id
@@ -128,7 +129,7 @@ def data_prior_ratio(calib, j: int) -> float:
 
 def stop_rule(calib, *, gpu_seconds_spent: float, budget_gpu_seconds: float | None, iteration: int,
               max_iterations: int | None, required: tuple[str, ...] = RANGE_BETAS,
-              heldout_models: tuple[str, ...] = ()) -> StopDecision:
+              heldout_models: tuple[str, ...] = (), replay: dict | None = None) -> StopDecision:
     """Decide whether the campaign stops after this calibration (SPEC §9).
 
     ``iteration``: iterations completed so far (collect + refit, the bootstrap counting as the first);
@@ -138,7 +139,9 @@ def stop_rule(calib, *, gpu_seconds_spent: float, budget_gpu_seconds: float | No
     data, or that the prior dominates, is not. Variants with β_L·L judge β7 + β_L·L's CV together.
     Bootstrap CVs count only from a whole-run bootstrap (≥ 5 training runs: a block bootstrap within
     fewer runs cannot see run-to-run variation). ``heldout_models``: the held-out MAPE counts only once
-    every one of them has held-out data (one lucky held-out run is not a space-filling validation). Criteria ``budget`` and ``iteration_cap`` say whether that limit is reached."""
+    every one of them has held-out data (one lucky held-out run is not a space-filling validation).
+    ``replay``: optionally, the held-out request-level error (:func:`rooflab.replay.store_replay_error`);
+    it adds a criterion with SPEC §12's targets (TTFT ≤ 12%, ITL ≤ 5%, E2E ≤ 5% median over held-out runs). Criteria ``budget`` and ``iteration_cap`` say whether that limit is reached."""
     crit: dict[str, dict] = {}
     if calib is None:
         crit["calibration"] = {"met": False, "value": None, "threshold": None, "text": "no calibration yet"}
@@ -207,6 +210,19 @@ def stop_rule(calib, *, gpu_seconds_spent: float, budget_gpu_seconds: float | No
             crit["validation_mape"] = {"met": met, "value": m, "threshold": MAX_VALIDATION_MAPE,
                                        "text": f"validation MAPE {m:.1%} {'<' if met else '>'} "
                                                f"{MAX_VALIDATION_MAPE:.0%}"}
+        # 3b. (optional) held-out request-level replay error
+        if replay is not None:
+            vals = {m: replay.get(m, np.nan) for m in REPLAY_TARGETS}
+            if not replay.get("n_runs"):
+                crit["replay"] = {"met": False, "value": None, "threshold": dict(REPLAY_TARGETS),
+                                  "text": "no held-out run to replay yet"}
+            else:
+                bad = [m for m, t in REPLAY_TARGETS.items() if not (np.isfinite(vals[m]) and vals[m] <= t)]
+                crit["replay"] = {"met": not bad, "value": {m: _num(v) for m, v in vals.items()},
+                                  "threshold": dict(REPLAY_TARGETS),
+                                  "text": "held-out replay " + ", ".join(
+                                      f"{m.upper()} {vals[m]:.1%} {'>' if m in bad else '≤'} {t:.0%}"
+                                      for m, t in REPLAY_TARGETS.items())}
         # 4. no hotspot
         hot = _hotspots(calib)
         if len(hot):

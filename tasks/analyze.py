@@ -56,9 +56,18 @@ def pick_next(calib, campaign, collected: set, batch_size: int, budget_left_s: f
                                 train_gpu_s=float(spent.get("train", 0.0)))
 
 
+@task(name="held-out-replay", cache_policy=NO_CACHE)
+def heldout_replay_error(store_root: str, campaign: str, calib) -> dict:
+    """Request-level error of the current coefficients on the held-out runs (replay, rooflab.replay)."""
+    from rooflab.replay import store_replay_error
+
+    out = store_replay_error(store_root, calib, campaign=campaign, split="validation")
+    return {k: v for k, v in out.items() if k != "runs"}
+
+
 @task(name="stop-rule", cache_policy=NO_CACHE)
 def decide_stop(calib, campaign, *, gpu_seconds_spent: float, budget_gpu_seconds: float | None,
-                iterations_done: int, max_iterations: int | None):
+                iterations_done: int, max_iterations: int | None, replay: dict | None = None):
     """SPEC §9's stop rule; β's the campaign cannot identify at all (β4 without an MoE model, β5 without
     TP > 1) are not required, so such a campaign can still converge."""
     from rooflab.targeting import identifiable_betas, stop_rule
@@ -66,4 +75,4 @@ def decide_stop(calib, campaign, *, gpu_seconds_spent: float, budget_gpu_seconds
     return stop_rule(calib, gpu_seconds_spent=gpu_seconds_spent, budget_gpu_seconds=budget_gpu_seconds,
                      iteration=iterations_done, max_iterations=max_iterations,
                      required=tuple(identifiable_betas(campaign)),
-                     heldout_models=tuple(sorted({c.model for c in campaign.validation_combos})))
+                     heldout_models=tuple(sorted({c.model for c in campaign.validation_combos})), replay=replay)

@@ -199,3 +199,37 @@ def test_campaign_flow_logs_doptimal_picks(tmp_path):
     with pytest.raises(Exception, match="targeting"):
         pick_next.fn(None, c, set(), 3, None, 0, targeting="nope")
     assert isinstance(pd.DataFrame([p.to_dict() for p in dopt]), pd.DataFrame)
+
+
+def test_stop_rule_can_require_held_out_replay_error(tmp_path):
+    """The optional replay criterion (issue 7 → the stop rule): held-out runs of the store replayed with the
+    current coefficients, judged against SPEC §12's request-level targets."""
+    from rooflab.calibration import Options, calibrate
+    from rooflab.targeting import stop_rule
+    from tasks.analyze import heldout_replay_error
+
+    c = load_campaign("smoke")
+    pts = [p for p in c.candidates() if p.family == "W3"]
+    assert {p.split for p in pts} == {"train", "validation"}
+    store = Store(tmp_path / "st")
+    launcher = DirectLauncher()
+    for p in pts:
+        rd = store.begin(run_id(c.name, p), p, c.name, 0, 1)
+        r = launcher.run(p, rd)
+        store.finish(rd, point=p, campaign=c.name, replicate=0, attempt=1, status=r.status, reason=r.reason,
+                     steps=r.steps, requests=r.requests, gpu_seconds=r.gpu_seconds, launcher="direct",
+                     engine=r.engine, started_at="", extra={})
+    calib = calibrate(store.steps(campaign=c.name, statuses=("ok",)), store.requests(campaign=c.name),
+                      Options(variant="roofline7", n_boot=20))
+    rep = heldout_replay_error.fn(str(store.root), c.name, calib)
+    assert rep["n_runs"] == sum(p.split == "validation" for p in pts) and np.isfinite(rep["e2e"])
+    d = stop_rule(calib, gpu_seconds_spent=0, budget_gpu_seconds=None, iteration=1, max_iterations=None, replay=rep)
+    crit = d.criteria["replay"]
+    assert crit["met"] == (rep["ttft"] <= 0.12 and rep["itl"] <= 0.05 and rep["e2e"] <= 0.05)
+    assert "held-out replay TTFT" in crit["text"]
+    d = stop_rule(calib, gpu_seconds_spent=0, budget_gpu_seconds=None, iteration=1, max_iterations=None,
+                  replay={"n_runs": 0})
+    assert d.criteria["replay"]["met"] is False and "no held-out run to replay yet" in d.reason
+    worse = stop_rule(calib, gpu_seconds_spent=0, budget_gpu_seconds=None, iteration=1, max_iterations=None,
+                      replay={"n_runs": 2, "ttft": 0.30, "itl": 0.01, "e2e": 0.02})
+    assert worse.criteria["replay"]["met"] is False and "TTFT 30.0% > 12%" in worse.reason
