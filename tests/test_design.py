@@ -12,6 +12,7 @@ import yaml
 from rooflab.campaign import load_campaign
 from rooflab.design import (HOTSPOT_BOOST, START_BETA, Prediction, choose_next_doptimal, gain, greedy,
                             predict_point, prior_precision)
+from rooflab.collect import run_one
 from rooflab.launch.direct import DirectLauncher
 from rooflab.store import Store
 from rooflab.sweep import run_id
@@ -108,22 +109,19 @@ def _campaign(tmp_path, models, validation=None, families=None):
 
 
 def _collect(tmp_path, campaign, points):
+    """Points through the direct launcher (twin truth) into a store; (ok steps, collected keys, store)."""
     store = Store(tmp_path / "store")
     launcher = DirectLauncher()
     for p in points:
-        rd = store.begin(run_id(campaign.name, p), p, campaign.name, 0, 1)
-        r = launcher.run(p, rd)
-        store.finish(rd, point=p, campaign=campaign.name, replicate=0, attempt=1, status=r.status, reason=r.reason,
-                     steps=r.steps, requests=r.requests, gpu_seconds=r.gpu_seconds, launcher="direct",
-                     engine=r.engine, started_at="", extra={})
+        run_one(store, launcher, campaign.name, run_id(campaign.name, p), p, 0)
     steps = store.steps(campaign=campaign.name, statuses=("ok",))
-    return steps, {p.key for p in points}
+    return steps, {p.key for p in points}, store
 
 
 def test_beta5_unidentified_makes_a_tp2_run_the_obvious_pick(tmp_path):
     c = _campaign(tmp_path, [{"model": "llama-3.1-8b", "tp": [1, 2]}])
     tp1 = [p for p in c.candidates() if p.tp == 1]
-    steps, keys = _collect(tmp_path, c, tp1)
+    steps, keys, _ = _collect(tmp_path, c, tp1)
     picks = choose_next_doptimal(None, c, keys, steps=steps, batch_size=1, budget_gpu_seconds_left=None,
                                  iteration=1)
     assert len(picks) == 1
@@ -140,7 +138,7 @@ def test_beta4_unidentified_makes_an_moe_batch_sweep_the_obvious_pick(tmp_path):
     c = _campaign(tmp_path, [{"model": "llama-3.1-8b", "tp": 1}, {"model": "qwen3-30b-a3b", "tp": 1}],
                   families={"W3": {"rate": [2, 32], "input_tokens": 256, "output_tokens": 64}})
     dense = [p for p in c.candidates() if p.model == "llama-3.1-8b"]
-    steps, keys = _collect(tmp_path, c, dense)
+    steps, keys, _ = _collect(tmp_path, c, dense)
     picks = choose_next_doptimal(None, c, keys, steps=steps, batch_size=1, budget_gpu_seconds_left=None,
                                  iteration=1)
     assert picks[0].point.model == "qwen3-30b-a3b" and picks[0].point.family == "W3"
@@ -211,14 +209,7 @@ def test_stop_rule_can_require_held_out_replay_error(tmp_path):
     c = load_campaign("smoke")
     pts = [p for p in c.candidates() if p.family == "W3"]
     assert {p.split for p in pts} == {"train", "validation"}
-    store = Store(tmp_path / "st")
-    launcher = DirectLauncher()
-    for p in pts:
-        rd = store.begin(run_id(c.name, p), p, c.name, 0, 1)
-        r = launcher.run(p, rd)
-        store.finish(rd, point=p, campaign=c.name, replicate=0, attempt=1, status=r.status, reason=r.reason,
-                     steps=r.steps, requests=r.requests, gpu_seconds=r.gpu_seconds, launcher="direct",
-                     engine=r.engine, started_at="", extra={})
+    _, _, store = _collect(tmp_path, c, pts)
     calib = calibrate(store.steps(campaign=c.name, statuses=("ok",)), store.requests(campaign=c.name),
                       Options(variant="roofline7", n_boot=20))
     rep = heldout_replay_error.fn(str(store.root), c.name, calib)
