@@ -48,6 +48,7 @@ HOTSPOT_BOOST = 2.0
 MAX_SIM_REQUESTS = 1500  # requests and steps simulated per candidate (a sample of its batch compositions);
 MAX_SIM_STEPS = 3000  # the rest of the run's cost is extrapolated
 REUSE_TOLERANCE = 0.10  # a simulation is reused while the coefficients move its step times by < 10%
+CACHE_PER_POINT = 3  # simulations kept per candidate
 VALIDATION_SHARE = 0.20
 # Starting coefficients before any fit (iteration 0): efficiency corrections at their prior 1 and the
 # overhead terms at the magnitudes of the real H100 fit (`make real`), rounded.
@@ -84,8 +85,8 @@ def _close(sim: tuple, beta: np.ndarray) -> bool:
     return bool(ok.any() and np.max(np.abs(t_new[ok] / t_old[ok] - 1)) < REUSE_TOLERANCE)
 
 
-def simulate_point(point: SweepPoint, beta: dict, variant: str, formulas: str,
-                   max_requests: int = MAX_SIM_REQUESTS, max_steps: int = MAX_SIM_STEPS) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+def simulate_point(point: SweepPoint, beta: dict, variant: str, formulas: str, max_requests: int = MAX_SIM_REQUESTS,
+                   max_steps: int = MAX_SIM_STEPS) -> tuple[pd.DataFrame, pd.DataFrame, float]:
     """``point`` run by the twin's scheduler with the fitted step model: (step table, request table,
     predicted GPU-seconds of the whole run). Only the first ``max_requests`` requests are simulated (a
     steady-state sample of the run's batch compositions), for at most ``max_steps`` steps; the cost of the
@@ -147,11 +148,13 @@ def predict_point(point: SweepPoint, beta: dict, variant: str = "roofline7+layer
                / np.maximum(batch, 1)).to_numpy(dtype=float)
         frame = bucket_frame(steps.assign(workload=point.family)) if len(steps) else None
         buckets = {} if frame is None else {  # buckets holding >= 10% of the run's steps
-            dim: {str(b) for b, share in frame[dim].value_counts(normalize=True).items() if share >= 0.10}
+            dim: {str(lab) for lab, share in frame[dim].value_counts(normalize=True).items() if share >= 0.10}
             for dim in ("model", "phase_mix", "batch_size", "context", "tp", "workload")}
         sim = (X[keep], gpu_s, bool(saturated), float(np.mean(batch)) if len(batch) else 0.0,
                float(np.mean(ctx)) if len(ctx) else 0.0, buckets, b, X[:: max(1, len(X) // 200)])
-        _CACHE.setdefault(key, []).append(sim)
+        kept = _CACHE.setdefault(key, [])
+        kept.append(sim)
+        del kept[:-CACHE_PER_POINT]  # the newest coefficients matter; bounded memory over a long campaign
     X, gpu_s, saturated, mean_batch, mean_ctx, buckets = sim[:6]
     y = X @ b
     ok = np.isfinite(y) & (y > 0)
