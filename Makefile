@@ -42,7 +42,7 @@ test: venv
 bench: venv
 	$(PY) benchmarks/featurize_fit.py
 
-# Active learning vs the static 99-run plan vs random selection on the twin (2 truths x 5 seeds, ~17 min on
+# Active learning vs the static 99-run plan vs random selection on the twin (2 truths x 5 seeds, ~16 min on
 # 2 cores); prints the table, writes reports/sample_efficiency.{json,png}.
 bench-efficiency: venv
 	$(PY) benchmarks/sample_efficiency.py --out reports

@@ -197,13 +197,11 @@ def job(truth: str, seed: int, workdir: str, budget_share: float) -> dict:
     eval_steps, _ = data.tables(eval_rids)
 
     def active(calib, keys, rids, left, it):
-        train = [r for r in rids if data.runs[r]["status"] == "ok" and data.runs[r]["split"] == "train"]
-        steps, _ = data.tables(train)
-        spent = {"train": sum(data.runs[r]["gpu_s"] for r in rids if data.runs[r]["split"] == "train"),
-                 "validation": sum(data.runs[r]["gpu_s"] for r in rids if data.runs[r]["split"] == "validation")}
-        picks = choose_next_doptimal(calib, campaign, keys, steps=steps if len(steps) else None, batch_size=BATCH,
-                                     budget_gpu_seconds_left=left, iteration=it, variant=VARIANT, formulas=FORMULAS,
-                                     heldout_gpu_s=spent["validation"], train_gpu_s=spent["train"])
+        spent = {s: sum(data.runs[r]["gpu_s"] for r in rids if data.runs[r]["split"] == s)
+                 for s in ("train", "validation")}
+        picks = choose_next_doptimal(calib, campaign, keys, batch_size=BATCH, budget_gpu_seconds_left=left,
+                                     variant=VARIANT, formulas=FORMULAS, heldout_gpu_s=spent["validation"],
+                                     train_gpu_s=spent["train"])
         return [p.point for p in picks]
 
     rng = np.random.default_rng(1000 + seed)

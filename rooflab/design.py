@@ -177,24 +177,14 @@ def prior_precision(variant: str, beta: dict) -> np.ndarray:
     return np.diag(d)
 
 
-def data_information(steps: pd.DataFrame, variant: str, formulas: str, sigma: float) -> np.ndarray:
-    """Information of collected training steps (measured step times), per run capped as in the doc."""
-    from rooflab.features import featurize
-
-    v = get_variant(variant)
-    p = len(v.terms)
-    if steps is None or not len(steps):
-        return np.zeros((p, p))
-    X = v.design_matrix(featurize(steps, formulas))
-    y = steps["step_time_us"].to_numpy(dtype=float)
-    ok = np.isfinite(y) & (y > 0) & np.isfinite(X).all(axis=1)
-    Z = X[ok] / y[ok, None]
-    runs = steps["run_id"].astype(str).to_numpy()[ok]
-    M = np.zeros((p, p))
-    for r in np.unique(runs):
-        Zr = Z[runs == r]
-        M += Zr.T @ Zr / len(Zr) * min(len(Zr), STEPS_PER_RUN)
-    return M / sigma ** 2
+def data_information(fit, sigma: float) -> np.ndarray:
+    """Information of the fitted training steps (measured step times), from the fit's per-run Gram
+    matrices of the relative rows ``x/y``; each run capped at :data:`STEPS_PER_RUN` steps (module doc)."""
+    if fit is None or fit.run_gram is None or not len(fit.run_rows):
+        return 0.0
+    n = np.maximum(fit.run_rows, 1.0)
+    w = np.minimum(fit.run_rows, STEPS_PER_RUN) / n
+    return np.tensordot(w, fit.run_gram[:, :-1, :-1], axes=1) / sigma ** 2
 
 
 def _logdet(M: np.ndarray) -> float:
@@ -291,30 +281,31 @@ def beta_of(calib, variant: str) -> dict:
     if calib is None:
         names = get_variant(variant).names
         return {n: START_BETA.get(n, 1.0) for n in names}
-    b = calib.beta.coefficients()
-    # a term at its lower bound 0 still needs a scale for the prior and a non-degenerate simulation
-    return {k: (v if v > 0 else 0.0) for k, v in b.items()}
+    return calib.beta.coefficients()
 
 
-def choose_next_doptimal(calib, campaign: Campaign, collected: set[str], *, steps: pd.DataFrame | None,
-                         batch_size: int, budget_gpu_seconds_left: float | None, iteration: int,
+def choose_next_doptimal(calib, campaign: Campaign, collected: set[str], *,
+                         batch_size: int, budget_gpu_seconds_left: float | None,
                          variant: str = "roofline7+layers", formulas: str = "vllm",
                          heldout_gpu_s: float = 0.0, train_gpu_s: float = 0.0) -> list:
     """The next batch (SPEC §9): greedy Bayesian D-optimal gain per predicted GPU-second over the
     training candidates, priorities for flagged βs and hotspots, ~20% of the batch's GPU-seconds on
-    space-filling held-out points. ``steps``: the collected training steps (unsaturated, not held out)
-    with measured ``step_time_us``; ``heldout_gpu_s`` / ``train_gpu_s``: GPU-seconds spent so far on each
-    split (the validation share is kept over the whole campaign). Returns :class:`rooflab.targeting.Pick`
-    objects with the gain and cost in ``details``."""
+    space-filling held-out points. The collected data enter through ``calib`` (its per-run Gram matrices;
+    ``None`` before the first fit), whose variant and formulas then override ``variant`` / ``formulas``.
+    ``heldout_gpu_s`` / ``train_gpu_s``: GPU-seconds spent so far on each split (the validation share is
+    kept over the whole campaign). Returns :class:`rooflab.targeting.Pick` objects with the gain and cost
+    in ``details``."""
     from rooflab.targeting import Pick, _candidates, _validation_order, _State, _desc, _points_from_keys
 
     if batch_size <= 0:
         return []
+    if calib is not None:
+        variant, formulas = calib.beta.variant.name, calib.beta.formulas
     v = get_variant(variant)
     names = v.names
     beta = beta_of(calib, variant)
     sigma = sigma_of(calib)
-    M = prior_precision(variant, beta) + data_information(steps, variant, formulas, sigma)
+    M = prior_precision(variant, beta) + data_information(calib.beta if calib is not None else None, sigma)
     flagged = _flagged(calib, names)
     fidx = [names.index(n) for n in flagged]
     hot = _hotspot_buckets(calib)

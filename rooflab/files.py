@@ -98,3 +98,11 @@ def json_safe(o):
 def json_dumps(obj, *, indent: int | None = 2) -> str:
     """Strict JSON of rooflab results: NaN → null, numpy → Python, dataclasses and frames as dicts."""
     return json.dumps(json_safe(obj), indent=indent, default=_json_default, ensure_ascii=False)
+
+
+def input_files(paths, what: str) -> tuple[list[Path], str]:
+    """One path or several as a list of paths, and how to name them in a message ("f (+2 files)")."""
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    if not paths:
+        raise InputError(None, "paths", f"no {what} files given")
+    return paths, str(paths[0]) if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} files)"

@@ -178,6 +178,8 @@ class BetaFit:
     ci: float
     loro: dict = field(default_factory=dict)  # run -> β fitted without that run
     ties: dict = field(default_factory=dict)  # held term -> term that took the shared effect
+    run_gram: np.ndarray | None = None  # (runs, p+1, p+1): Gram matrix of each run's relative rows [x/y, 1]
+    run_rows: np.ndarray | None = None  # (runs,) fitted steps per run
 
     @property
     def names(self) -> list[str]:
@@ -264,7 +266,9 @@ def fit_beta(X: np.ndarray, y: np.ndarray, run_ids, variant: str | Variant = "ro
     return BetaFit(variant=variant, formulas=formulas, beta=beta, lower=np.asarray(lower),
                    upper=np.asarray(upper), draws=draws, prior_strength=lam, prior_selection=selection,
                    data_precision=conditional_precision(design, G, n), n_steps=int(ok.sum()), runs=runs,
-                   unit_kind=design.unit_kind, n_units=U, ci=ci, loro=loro, ties=design.ties)
+                   unit_kind=design.unit_kind, n_units=U, ci=ci, loro=loro, ties=design.ties,
+                   run_gram=np.stack([design.gram[design.unit_run == r].sum(axis=0) for r in range(len(runs))]),
+                   run_rows=np.bincount(design.unit_run, weights=design.n_rows, minlength=len(runs)))
 
 
 # ---------------------------------------------------------------------------------------------------

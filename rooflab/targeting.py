@@ -122,8 +122,7 @@ def data_prior_ratio(calib, j: int) -> float:
     from rooflab.design import PRIOR_SD, STEPS_PER_RUN, sigma_of
 
     fit = calib.beta
-    per_run = calib.routing.get("per_run", {})
-    n_eff = sum(min(per_run.get(r, {}).get("fit", STEPS_PER_RUN), STEPS_PER_RUN) for r in fit.runs)
+    n_eff = float(np.minimum(fit.run_rows, STEPS_PER_RUN).sum())
     return float(fit.data_precision[j] * n_eff / sigma_of(calib) ** 2 * PRIOR_SD ** 2)
 
 

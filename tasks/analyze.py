@@ -40,18 +40,14 @@ def pick_next(calib, campaign, collected: set, batch_size: int, budget_left_s: f
     from rooflab.design import choose_next_doptimal
 
     opts = options or {}
-    steps, spent = None, {"train": 0.0, "validation": 0.0}
+    spent = {}
     if store_root is not None:
-        store = Store(store_root)
-        steps = store.steps(campaign=campaign.name, statuses=("ok",))
-        if len(steps) and "split" in steps:
-            steps = steps[steps["split"].astype(str) != "validation"]
-        runs = store.runs(campaign=campaign.name)
+        runs = Store(store_root).runs(campaign=campaign.name)
         if len(runs):
             spent = runs.groupby("split")["gpu_seconds"].sum().to_dict()
-    return choose_next_doptimal(calib, campaign, collected, steps=steps, batch_size=batch_size,
-                                budget_gpu_seconds_left=budget_left_s, iteration=iteration,
-                                variant=opts.get("variant", "roofline7+layers"), formulas=opts.get("formulas", "vllm"),
+    return choose_next_doptimal(calib, campaign, collected, batch_size=batch_size,
+                                budget_gpu_seconds_left=budget_left_s, variant=opts.get("variant", "roofline7+layers"),
+                                formulas=opts.get("formulas", "vllm"),
                                 heldout_gpu_s=float(spent.get("validation", 0.0)),
                                 train_gpu_s=float(spent.get("train", 0.0)))
 

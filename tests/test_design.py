@@ -5,17 +5,19 @@ import itertools
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 
 from rooflab.campaign import load_campaign
-from rooflab.design import (HOTSPOT_BOOST, START_BETA, Prediction, choose_next_doptimal, gain, greedy,
-                            predict_point, prior_precision)
+from rooflab.calibration import Options, calibrate
+from rooflab.design import (HOTSPOT_BOOST, START_BETA, Prediction, choose_next_doptimal, data_information, gain,
+                            greedy, predict_point, prior_precision)
 from rooflab.collect import run_one
 from rooflab.launch.direct import DirectLauncher
 from rooflab.store import Store
 from rooflab.sweep import run_id
+
+OPTS = Options(variant="roofline7+layers", n_boot=50)
 
 
 def _pred(name, info, cost, buckets=None):
@@ -90,6 +92,23 @@ def test_flagged_betas_and_hotspots_get_priority():
     assert greedy(M, [x, y], n=1, budget=0.5) == []
 
 
+def test_data_information_is_the_capped_per_run_information_of_the_fitted_steps():
+    """From the fit's per-run Gram matrices: Σ_runs mean(z zᵀ) × min(steps, 100) / σ² with z = x / y."""
+    from rooflab.features import featurize
+    from rooflab.synthetic import synthetic_steps, with_step_times
+    from rooflab.variant import get_variant
+
+    steps = with_step_times(synthetic_steps(n_runs=6, steps_per_run=150))
+    steps = steps[steps.index % 150 < 60 + 30 * (steps["run_id"] == "run00")]  # runs of 90 and 60 steps
+    calib = calibrate(steps, options=OPTS)
+    X = get_variant(calib.beta.variant.name).design_matrix(featurize(steps))
+    Z = X / steps["step_time_us"].to_numpy()[:, None]
+    want = sum(Zr.T @ Zr / len(Zr) * min(len(Zr), 100) for _, Zr in
+               ((r, Z[(steps["run_id"] == r).to_numpy()]) for r in steps["run_id"].unique()))
+    assert np.allclose(data_information(calib.beta, 0.05), want / 0.05 ** 2, rtol=1e-9)
+    assert data_information(None, 0.05) == 0.0
+
+
 def test_prior_is_physical_for_corrections_and_weak_for_overheads():
     P = prior_precision("roofline7+layers", START_BETA)
     assert np.allclose(np.diag(P)[:5], 4.0)  # N(1, 0.5²)
@@ -119,42 +138,45 @@ def _collect(tmp_path, campaign, points):
 
 
 def test_beta5_unidentified_makes_a_tp2_run_the_obvious_pick(tmp_path):
+    """TP1 data only, TP1 candidates still open (W1 at 2048, W3 at rate 32): the best pick is a TP2 run."""
     c = _campaign(tmp_path, [{"model": "llama-3.1-8b", "tp": [1, 2]}])
-    tp1 = [p for p in c.candidates() if p.tp == 1]
+    tp1 = [p for p in c.candidates() if p.tp == 1 and p.param("input_tokens") in (256, 512) and p.param("rate") <= 2]
+    assert len(tp1) == 2 and len([p for p in c.candidates() if p.tp == 1]) == 4
     steps, keys, _ = _collect(tmp_path, c, tp1)
-    picks = choose_next_doptimal(None, c, keys, steps=steps, batch_size=1, budget_gpu_seconds_left=None,
-                                 iteration=1)
+    picks = choose_next_doptimal(calibrate(steps, options=OPTS), c, keys, batch_size=1,
+                                 budget_gpu_seconds_left=None)
     assert len(picks) == 1
     p = picks[0]
     # one model: β5's all-reduce latency is a per-step constant like β3·W, β7 and β_L·L, so one TP2 run
     # moves those too — but only a TP > 1 run can move β5 at all
     assert p.point.tp == 2, (p.reason, p.details)
     assert "beta5 by" in p.reason and "GPU-h predicted" in p.reason
-    assert p.details["sd_shrink"]["beta5"] > 0.3
+    assert p.details["sd_shrink"]["beta5"] > 0.5
     json.dumps(p.to_dict())  # what MLflow logs
 
 
 def test_beta4_unidentified_makes_an_moe_batch_sweep_the_obvious_pick(tmp_path):
+    """Dense data only, a dense candidate still open (W3 at rate 32): the best pick is the MoE batch sweep."""
     c = _campaign(tmp_path, [{"model": "llama-3.1-8b", "tp": 1}, {"model": "qwen3-30b-a3b", "tp": 1}],
                   families={"W3": {"rate": [2, 32], "input_tokens": 256, "output_tokens": 64}})
-    dense = [p for p in c.candidates() if p.model == "llama-3.1-8b"]
+    dense = [p for p in c.candidates() if p.model == "llama-3.1-8b" and p.param("rate") == 2]
     steps, keys, _ = _collect(tmp_path, c, dense)
-    picks = choose_next_doptimal(None, c, keys, steps=steps, batch_size=1, budget_gpu_seconds_left=None,
-                                 iteration=1)
+    picks = choose_next_doptimal(calibrate(steps, options=OPTS), c, keys, batch_size=1,
+                                 budget_gpu_seconds_left=None)
     assert picks[0].point.model == "qwen3-30b-a3b" and picks[0].point.family == "W3"
-    assert picks[0].serves == "beta4", picks[0].reason
+    assert picks[0].serves == "beta4" and picks[0].details["sd_shrink"]["beta4"] > 0.9, picks[0].reason
 
 
 def test_batches_keep_about_a_fifth_for_held_out_points_and_respect_the_budget(tmp_path):
     c = _campaign(tmp_path, [{"model": "llama-3.1-8b", "tp": [1, 2]}],
                   validation={"models": [{"model": "qwen2.5-7b", "tp": 1}], "points": [{"family": "W3", "rate": 2}]})
-    picks = choose_next_doptimal(None, c, set(), steps=None, batch_size=5, budget_gpu_seconds_left=None, iteration=0)
+    picks = choose_next_doptimal(None, c, set(), batch_size=5, budget_gpu_seconds_left=None)
     assert len(picks) == 5
     val = [p for p in picks if p.point.split == "validation"]
     assert len(val) == 1 and val[0].serves == "validation"
     assert val[0].point.param("rate") == 2  # the campaign's V1 point first (space-filling order)
     assert len({p.point.key for p in picks}) == 5
-    cheap = choose_next_doptimal(None, c, set(), steps=None, batch_size=5, budget_gpu_seconds_left=100, iteration=0)
+    cheap = choose_next_doptimal(None, c, set(), batch_size=5, budget_gpu_seconds_left=100)
     assert sum(p.cost_gpu_s for p in cheap) <= 100
 
 
@@ -196,13 +218,14 @@ def test_campaign_flow_logs_doptimal_picks(tmp_path):
     assert menu and all("D-optimal" not in p.reason for p in menu)
     with pytest.raises(Exception, match="targeting"):
         pick_next.fn(None, c, set(), 3, None, 0, targeting="nope")
-    assert isinstance(pd.DataFrame([p.to_dict() for p in dopt]), pd.DataFrame)
+    logged = json.loads(json.dumps([p.to_dict() for p in dopt]))  # what MLflow gets
+    train = [d for d in logged if d["split"] == "train"]
+    assert train and all({"d_gain", "predicted_gpu_s", "sd_shrink"} <= set(d["details"]) for d in train)
 
 
 def test_stop_rule_can_require_held_out_replay_error(tmp_path):
     """The optional replay criterion (issue 7 → the stop rule): held-out runs of the store replayed with the
     current coefficients, judged against SPEC §12's request-level targets."""
-    from rooflab.calibration import Options, calibrate
     from rooflab.targeting import stop_rule
     from tasks.analyze import heldout_replay_error
 

@@ -60,6 +60,7 @@ import pandas as pd
 
 from rooflab.adapters.step_records import BLOCK_SIZE
 from rooflab.errors import InputError
+from rooflab.files import input_files
 from rooflab.tables import aggregate_entries, validate_requests, validate_steps
 
 try:  # orjson ships with the pinned environment (prefect); json is the fallback
@@ -744,12 +745,7 @@ def read_otel_traces(paths: str | Path | Iterable[str | Path], *, run_id: str, m
     ``max_num_batched_tokens``: the run's token budget, for distributing chunked prefills in the journey
     reconstruction; default: the largest ``batch.scheduled_tokens`` seen (a lower bound), else an even split.
     """
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise InputError(None, "paths", "no trace files given")
-    source = str(paths[0]) if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} files)"
+    paths, source = input_files(paths, "trace")
     report: dict = Counter()
     col = _Collector()
     gc_was_on = gc.isenabled()

@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 
 from rooflab.errors import InputError
+from rooflab.files import input_files
 from rooflab.tables import aggregate_entries, validate_requests, validate_steps
 
 SCHEMA = 1
@@ -233,12 +234,7 @@ def _read_lines(path: Path, report: Counter) -> list[dict]:
 def read_steplog(paths: str | Path | Iterable[str | Path], *, run_id: str, model: str, tp: int, hardware: str,
                  ) -> SteplogTables:
     """Step, request and entry tables from one run's steplog file(s) (see the module docstring)."""
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise InputError(None, "paths", "no steplog files given")
-    source = str(paths[0]) if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} files)"
+    paths, source = input_files(paths, "steplog")
     report: Counter = Counter()
     lines: list[dict] = []
     for p in paths:
