@@ -34,7 +34,7 @@ real: venv
 # Request-level validation on the real runs (issue 7): step fit, end-to-end calibration and BLIS's coefficients
 # replayed on held-out runs and a held-out model; writes reports/replay-real/{results.json,table.md,*.png}.
 replay: venv
-	$(PY) -m rooflab.replay_real --root $(SHARED)/data/real --out reports/replay-real
+	$(PY) benchmarks/replay_real.py --root $(SHARED)/data/real --out reports/replay-real
 
 test: venv
 	$(PY) -m pytest -q
@@ -51,8 +51,8 @@ bench-efficiency: venv
 # lives outside the project venv, in $${ROOFLAB_CACHE:-~/.cache/rooflab}; built once, ~2-5 min) with the
 # vllm-steplog plugin, plus the tiny Llama model directory. `make test` builds them on demand too.
 vllm-env: venv
-	$(PY) -m rooflab.vllm_cpu env
-	$(PY) -m rooflab.vllm_cpu tiny-model "$${ROOFLAB_CACHE:-$$HOME/.cache/rooflab}/models/tiny-llama"
+	$(PY) -m rooflab.collect.vllm_cpu env
+	$(PY) -m rooflab.collect.vllm_cpu tiny-model "$${ROOFLAB_CACHE:-$$HOME/.cache/rooflab}/models/tiny-llama"
 
 # The real-vLLM-on-CPU integration test alone (report: reports/vllm-cpu/integration.json)
 vllm-test: venv

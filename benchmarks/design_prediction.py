@@ -1,4 +1,4 @@
-"""How fast and how faithful the D-optimal targeting's candidate predictions are (rooflab.design).
+"""How fast and how faithful the D-optimal targeting's candidate predictions are (rooflab.targeting.doptimal).
 
 Predicts every training candidate of the default campaign under the starting coefficients, once sampled
 the way targeting does it (the first 1,500 requests / 3,000 steps, the rest of the cost extrapolated)
@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     import numpy as np
 
-    from rooflab.campaign import load_campaign
-    from rooflab.design import START_BETA, predict_point, simulate_point
+    from rooflab.collect.spec import load_campaign
+    from rooflab.targeting.doptimal import START_BETA, predict_point, simulate_point
 
     train = [p for p in load_campaign("default").candidates() if p.split == "train"]
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Benchmark: featurize and fit 1,000,000 synthetic steps (target ≤ 10 s on 2 cores).
 
 Run: .venv/bin/python benchmarks/featurize_fit.py [--steps 1000000] [--boot 200]
-Prints the seconds of each stage. Steps come from rooflab.synthetic (6 settings: dense, MoE, TP 1–8), 100
+Prints the seconds of each stage. Steps come from rooflab.data.synthetic (6 settings: dense, MoE, TP 1–8), 100
 runs, step times from known β with 3% noise; the fit includes λ selection by leave-one-run-out and the
 200-draw whole-run bootstrap.
 """
@@ -14,10 +14,10 @@ import time
 
 import numpy as np
 
-from rooflab.features import featurize
-from rooflab.fit import fit_beta
-from rooflab.synthetic import TRUE_BETA, synthetic_steps, with_step_times
-from rooflab.variant import get_variant
+from rooflab.model.features import featurize
+from rooflab.fit.beta import fit_beta
+from rooflab.data.synthetic import TRUE_BETA, synthetic_steps, with_step_times
+from rooflab.model.variants import get_variant
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ Chromium, writes the PNG and stops the server (process group) whatever happens.
     .venv/bin/python benchmarks/mlflow_screenshot.py --demo --out /tmp/mlflow_demo.png   # builds a small store
 
 Needs a Chromium (``apt-get install -y chromium``); exits 2 with a one-line message when none is found.
-Run it from the repository root (``--demo`` imports ``tasks.track``).
+Run it from the repository root (``--demo`` imports ``tracking.campaign_runs``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-from rooflab.launch.endpoints import free_port, wait_healthy  # noqa: E402
+from rooflab.collect.launchers.endpoints import free_port, wait_healthy  # noqa: E402
 CHROMIUMS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
 
@@ -73,9 +73,9 @@ def screenshot(chromium: str, url: str, png: Path, *, size=(1600, 1000), budget_
 def build_demo_store(root: Path) -> str:
     """A small store like the tests build: one campaign, 3 iterations of a synthetic calibration."""
     sys.path.insert(0, str(ROOT))
-    from rooflab.calibration import Options, calibrate
-    from rooflab.synthetic import synthetic_steps, with_step_times
-    from tasks import track
+    from rooflab.fit.calibration import Options, calibrate
+    from rooflab.data.synthetic import synthetic_steps, with_step_times
+    from tracking import campaign_runs as track
 
     steps = with_step_times(synthetic_steps(6, 200))
     steps["split"] = "train"

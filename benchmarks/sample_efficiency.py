@@ -8,7 +8,7 @@ default campaign's candidate space:
 * **static**: the seed's static 99-run plan (`static99`), all of it, then one fit;
 * **random**: batches of 6 points drawn uniformly from the candidate space (training and held-out combos
   alike), refit after each batch, until the stop rule or the budget;
-* **active**: rooflab's loop (`rooflab.design.choose_next_doptimal`, batch 6, the same stop rule), from
+* **active**: rooflab's loop (`rooflab.targeting.doptimal.choose_next_doptimal`, batch 6, the same stop rule), from
   an empty store.
 
 The budget of random and active is a third of the static plan's own measured GPU-hours (`--budget-share`):
@@ -49,7 +49,7 @@ MAX_ITERATIONS = 40
 
 
 def _campaign(truth: str, seed: int, workdir: Path):
-    from rooflab.campaign import load_campaign
+    from rooflab.collect.spec import load_campaign
 
     text = (ROOT / "configs" / "campaigns" / "default.yaml").read_text()
     text = re.sub(r"(?m)^hardware: .*$", f"hardware: {truth}", text)
@@ -65,15 +65,15 @@ class Data:
     the same seed whoever asks for it); each strategy keeps its own list of runs and pays for them."""
 
     def __init__(self, campaign, root: Path):
-        from rooflab.launch.direct import DirectLauncher
-        from rooflab.store import Store
+        from rooflab.collect.launchers.direct import DirectLauncher
+        from rooflab.data.store import Store
 
         self.c, self.store, self.launcher = campaign, Store(root), DirectLauncher()
         self.runs: dict[str, dict] = {}
 
     def get(self, point) -> dict:
-        from rooflab.collect import run_one
-        from rooflab.sweep import run_id
+        from rooflab.collect.collector import run_one
+        from rooflab.data.sweep import run_id
 
         rid = run_id(self.c.name, point, 0)
         if rid not in self.runs:
@@ -95,7 +95,7 @@ class Data:
 
 
 def _fit(data: Data, rids: list[str]):
-    from rooflab.calibration import Options, calibrate
+    from rooflab.fit.calibration import Options, calibrate
 
     steps, req = data.tables(rids)
     if not len(steps) or not (steps["split"] != "validation").any():
@@ -108,7 +108,7 @@ def _fit(data: Data, rids: list[str]):
 
 
 def _stop(calib, campaign, spent: float, budget: float, it: int):
-    from rooflab.targeting import identifiable_betas, stop_rule
+    from rooflab.targeting.menu import identifiable_betas, stop_rule
 
     return stop_rule(calib, gpu_seconds_spent=spent, budget_gpu_seconds=budget, iteration=it,
                      max_iterations=MAX_ITERATIONS, required=identifiable_betas(campaign),
@@ -116,9 +116,9 @@ def _stop(calib, campaign, spent: float, budget: float, it: int):
 
 
 def _evaluate(calib, eval_steps: pd.DataFrame, ref_beta: dict | None) -> dict:
-    from rooflab.features import featurize
-    from rooflab.residuals import bucket_table, summary
-    from rooflab.variant import get_variant
+    from rooflab.model.features import featurize
+    from rooflab.fit.residuals import bucket_table, summary
+    from rooflab.model.variants import get_variant
 
     if calib is None:
         return {"heldout_mape": np.nan, "heldout_median_ape": np.nan, "worst_bucket_mape": np.nan}
@@ -183,7 +183,7 @@ def run_loop(data: Data, campaign, budget: float, choose, label: str) -> dict:
 
 
 def job(truth: str, seed: int, workdir: str, budget_share: float) -> dict:
-    from rooflab.design import choose_next_doptimal
+    from rooflab.targeting.doptimal import choose_next_doptimal
 
     t0 = time.time()
     wd = Path(workdir) / f"{truth}-{seed}"
@@ -244,7 +244,7 @@ def job(truth: str, seed: int, workdir: str, budget_share: float) -> dict:
 
 
 def reference_betas(results: list[dict]) -> dict:
-    from rooflab.calibration import Options, calibrate
+    from rooflab.fit.calibration import Options, calibrate
 
     refs = {}
     for truth in sorted({r["truth"] for r in results}):

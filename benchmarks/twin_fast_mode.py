@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from rooflab.arch import load_model
-from rooflab.hardware import load_hardware
-from rooflab.twin.engine import Engine, EngineConfig
+from rooflab.model.arch import load_model
+from rooflab.model.hardware import load_hardware
+from rooflab.twin.engine import Engine
+from rooflab.model.engine_config import EngineConfig
 from rooflab.twin.simulate import constant_rate_workload, simulate
 from rooflab.twin.truth import TruthModel
 

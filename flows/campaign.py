@@ -12,10 +12,10 @@ from pathlib import Path
 
 from prefect import flow
 
-from rooflab.campaign import load_campaign
-from rooflab.store import Store
-from rooflab.sweep import SweepPoint
-from tasks import track
+from rooflab.collect.spec import load_campaign
+from rooflab.data.store import Store
+from rooflab.data.sweep import SweepPoint
+from tracking import campaign_runs as track
 from tasks.analyze import calibrate_from_store, decide_stop, heldout_replay_error, pick_next
 from tasks.launch import launch_point
 
@@ -51,8 +51,8 @@ def campaign_flow(campaign: str = "demo", store: str = "store", mlruns: str = "m
                   launcher: str = "inference-perf", batch_size: int = 6, max_iterations: int = 4,
                   variant: str = "roofline7+layers", formulas: str = "vllm", n_boot: int = 100,
                   targeting: str = "d-optimal", replay_stop: bool = False) -> dict:
-    from rooflab.launch.factory import close_launcher, make_launcher
-    from rooflab.targeting import StopDecision
+    from rooflab.collect.launchers.factory import close_launcher, make_launcher
+    from rooflab.targeting.menu import StopDecision
 
     camp = load_campaign(campaign)
     st = Store(store)

@@ -10,7 +10,7 @@ from prefect.events import DeploymentEventTrigger
 from flows.campaign import campaign_flow
 from flows.refit import refit_flow
 from flows.validate import new_model_flow
-from rooflab.campaign import load_campaign
+from rooflab.collect.spec import load_campaign
 
 DATA_ARRIVED = "rooflab.data.arrived"
 MODEL_ADDED = "rooflab.model.added"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from tasks import track
+from tracking import campaign_runs as track
 from tasks.analyze import calibrate_from_store
 
 

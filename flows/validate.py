@@ -8,10 +8,10 @@ from pathlib import Path
 
 from prefect import flow
 
-from rooflab.campaign import load_campaign
-from rooflab.store import Store
-from rooflab.sweep import SweepPoint
-from tasks import track
+from rooflab.collect.spec import load_campaign
+from rooflab.data.store import Store
+from rooflab.data.sweep import SweepPoint
+from tracking import campaign_runs as track
 from tasks.analyze import calibrate_from_store
 
 NEW_MODEL_MAPE_LIMIT = 0.10
@@ -20,7 +20,7 @@ NEW_MODEL_MAPE_LIMIT = 0.10
 def v1_points(camp, model: str, tp: int, hardware: str | None = None) -> list[SweepPoint]:
     """The campaign's V1 validation points (as the static plan runs them on its held-out combos),
     retargeted to (model, TP): W2 at 1024 and W3 at a low and a high rate, split "validation"."""
-    from rooflab.campaign import static99
+    from rooflab.collect.spec import static99
 
     v1 = [p for p in static99(camp) if p.split == "validation"]
     first = (v1[0].model, v1[0].tp) if v1 else None
@@ -31,7 +31,7 @@ def v1_points(camp, model: str, tp: int, hardware: str | None = None) -> list[Sw
 def validate_flow(campaign: str, model: str, tp: int, hardware: str | None = None, store: str = "store",
                   mlruns: str = "mlruns", launcher: str = "inference-perf", variant: str = "roofline7+layers") -> dict:
     from flows.campaign import collect_points
-    from rooflab.launch.factory import close_launcher, make_launcher
+    from rooflab.collect.launchers.factory import close_launcher, make_launcher
 
     camp = load_campaign(campaign)
     st = Store(store)
@@ -65,7 +65,7 @@ def replay_verdict(store, calib, run_ids: list[str]) -> dict:
     coefficients and compare TTFT / ITL / E2E with the measured ones (median over runs of the APE of the run's
     mean) against SPEC §12's targets."""
     from rooflab.errors import InputError
-    from rooflab.replay import store_replay_error
+    from rooflab.replay.replay import store_replay_error
 
     try:
         err = store_replay_error(store, calib, runs=run_ids)
@@ -85,8 +85,8 @@ def new_model_flow(campaign: str, model: str, tp: int, hardware: str | None = No
     current coefficients miss V1 by more than 10% MAPE."""
     from flows.campaign import collect_points
     from flows.refit import refit_flow
-    from rooflab.campaign import static99
-    from rooflab.launch.factory import close_launcher, make_launcher
+    from rooflab.collect.spec import static99
+    from rooflab.collect.launchers.factory import close_launcher, make_launcher
 
     result = validate_flow(campaign, model, tp, hardware, store, mlruns, launcher)
     if not result["v1_mape"] > NEW_MODEL_MAPE_LIMIT:

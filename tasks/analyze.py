@@ -8,8 +8,8 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from rooflab.calibration import Calibration, Options, calibrate
-from rooflab.store import Store
+from rooflab.fit.calibration import Calibration, Options, calibrate
+from rooflab.data.store import Store
 
 
 @task(name="calibrate", cache_policy=NO_CACHE)
@@ -26,10 +26,10 @@ def calibrate_from_store(store_root: str, campaign: str, options: dict, plots_di
 @task(name="pick-next-points", cache_policy=NO_CACHE)
 def pick_next(calib, campaign, collected: set, batch_size: int, budget_left_s: float | None, iteration: int,
               *, targeting: str = "d-optimal", store_root: str | None = None, options: dict | None = None) -> list:
-    """The next batch: ``d-optimal`` (rooflab.design, SPEC §9: information per predicted GPU-second given
-    the collected training steps) or ``menu`` (rooflab.targeting: the seed's menu driven by the diagnosis)."""
+    """The next batch: ``d-optimal`` (rooflab.targeting.doptimal, SPEC §9: information per predicted GPU-second given
+    the collected training steps) or ``menu`` (rooflab.targeting.menu: the seed's menu driven by the diagnosis)."""
     if targeting == "menu":
-        from rooflab.targeting import choose_next
+        from rooflab.targeting.menu import choose_next
 
         return choose_next(calib, campaign, collected, batch_size=batch_size, budget_gpu_seconds_left=budget_left_s,
                            iteration=iteration)
@@ -37,7 +37,7 @@ def pick_next(calib, campaign, collected: set, batch_size: int, budget_left_s: f
         from rooflab.errors import InputError
 
         raise InputError(None, "targeting", f"unknown targeting {targeting!r} (known: d-optimal, menu)")
-    from rooflab.design import choose_next_doptimal
+    from rooflab.targeting.doptimal import choose_next_doptimal
 
     opts = options or {}
     spent = {}
@@ -54,8 +54,8 @@ def pick_next(calib, campaign, collected: set, batch_size: int, budget_left_s: f
 
 @task(name="held-out-replay", cache_policy=NO_CACHE)
 def heldout_replay_error(store_root: str, campaign: str, calib) -> dict:
-    """Request-level error of the current coefficients on the held-out runs (replay, rooflab.replay)."""
-    from rooflab.replay import store_replay_error
+    """Request-level error of the current coefficients on the held-out runs (replay, rooflab.replay.replay)."""
+    from rooflab.replay.replay import store_replay_error
 
     out = store_replay_error(store_root, calib, campaign=campaign, split="validation")
     return {k: v for k, v in out.items() if k != "runs"}
@@ -66,7 +66,7 @@ def decide_stop(calib, campaign, *, gpu_seconds_spent: float, budget_gpu_seconds
                 iterations_done: int, max_iterations: int | None, replay: dict | None = None):
     """SPEC §9's stop rule; β's the campaign cannot identify at all (β4 without an MoE model, β5 without
     TP > 1) are not required, so such a campaign can still converge."""
-    from rooflab.targeting import identifiable_betas, stop_rule
+    from rooflab.targeting.menu import identifiable_betas, stop_rule
 
     return stop_rule(calib, gpu_seconds_spent=gpu_seconds_spent, budget_gpu_seconds=budget_gpu_seconds,
                      iteration=iterations_done, max_iterations=max_iterations,

@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from rooflab.collect import run_one
-from rooflab.store import COMPLETE, Store
-from rooflab.sweep import SweepPoint, run_id
+from rooflab.collect.collector import run_one
+from rooflab.data.store import COMPLETE, Store
+from rooflab.data.sweep import SweepPoint, run_id
 
 
 class TransientRunError(RuntimeError):

@@ -1,4 +1,4 @@
-"""Tests of the ``rooflab`` command line (``rooflab.cli.main``)."""
+"""Tests of the ``rooflab`` command line (``cli.main.main``)."""
 
 import json
 from pathlib import Path
@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rooflab.cli import main
-from rooflab.features import featurize
-from rooflab.variant import get_variant
+from cli.main import main
+from rooflab.model.features import featurize
+from rooflab.model.variants import get_variant
 
 REAL_STEPS = Path(__file__).resolve().parents[1].parent / "shared" / "data/real/steps/h100_step_records.parquet"
 GPUS = ["H100-SXM", "H200", "A100-80GB", "L40S", "B200"]

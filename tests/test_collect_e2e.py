@@ -11,11 +11,11 @@ import time
 import pytest
 import yaml
 
-from rooflab.campaign import load_campaign
-from rooflab.collect import collect
-from rooflab.launch.endpoints import CommandEndpoint, twin_command
-from rooflab.launch.factory import close_launcher, make_launcher
-from rooflab.store import Store
+from rooflab.collect.spec import load_campaign
+from rooflab.collect.collector import collect
+from rooflab.collect.launchers.endpoints import CommandEndpoint, twin_command
+from rooflab.collect.launchers.factory import close_launcher, make_launcher
+from rooflab.data.store import Store
 from rooflab.twin.tokenizer import ensure_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -88,7 +88,7 @@ def test_six_points_dense_and_moe_through_inference_perf(tmp_path):
 
 def test_command_endpoint_with_the_twin_standing_in_for_vllm(tmp_path):
     tok = str(ensure_tokenizer())
-    template = [sys.executable, "-m", "rooflab", "twin", "serve", "--model", "{model}", "--tp", "{tp}",
+    template = [sys.executable, "-m", "rooflab.twin", "serve", "--model", "{model}", "--tp", "{tp}",
                 "--hardware", "{hardware}", "--port", "{port}", "--trace", "{trace}", "--accel", "10"]
     camp = load_campaign(write_campaign(tmp_path, endpoint={"kind": "command", "template": template,
                                                             "tokenizer": tok, "health_timeout_s": 120}))
@@ -147,7 +147,7 @@ def test_collector_killed_mid_run_resumes_without_duplicates(tmp_path):
                                                 "output_tokens": 256}},
                                validation={"points": [{"family": "W3", "rate": 8}]}, designs={})
     store_dir = tmp_path / "store"
-    cmd = [sys.executable, "-m", "rooflab", "collect", "--campaign", str(camp_path), "--design", "candidates",
+    cmd = [sys.executable, "-m", "cli", "collect", "--campaign", str(camp_path), "--design", "candidates",
            "--store", str(store_dir), "--launcher", "direct"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     runs = store_dir / "runs"

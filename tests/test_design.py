@@ -1,4 +1,4 @@
-"""Information-optimal targeting (rooflab.design, SPEC §9): the greedy D-optimal core against brute force,
+"""Information-optimal targeting (rooflab.targeting.doptimal, SPEC §9): the greedy D-optimal core against brute force,
 predictions from the twin's scheduler under fitted coefficients, and the obvious picks."""
 
 import itertools
@@ -8,20 +8,20 @@ import numpy as np
 import pytest
 import yaml
 
-from rooflab.campaign import load_campaign
-from rooflab.calibration import Options, calibrate
-from rooflab.design import (HOTSPOT_BOOST, START_BETA, Prediction, choose_next_doptimal, data_information, gain,
+from rooflab.collect.spec import load_campaign
+from rooflab.fit.calibration import Options, calibrate
+from rooflab.targeting.doptimal import (HOTSPOT_BOOST, START_BETA, Prediction, choose_next_doptimal, data_information, gain,
                             greedy, predict_point, prior_precision)
-from rooflab.collect import run_one
-from rooflab.launch.direct import DirectLauncher
-from rooflab.store import Store
-from rooflab.sweep import run_id
+from rooflab.collect.collector import run_one
+from rooflab.collect.launchers.direct import DirectLauncher
+from rooflab.data.store import Store
+from rooflab.data.sweep import run_id
 
 OPTS = Options(variant="roofline7+layers", n_boot=50)
 
 
 def _pred(name, info, cost, buckets=None):
-    from rooflab.sweep import SweepPoint
+    from rooflab.data.sweep import SweepPoint
 
     p = SweepPoint(model="llama-3.1-8b", tp=1, hardware="H100-SXM", family="W3",
                    params=(("input_tokens", 1), ("output_tokens", 1), ("rate", float(name))), duration_s=1.0)
@@ -94,9 +94,9 @@ def test_flagged_betas_and_hotspots_get_priority():
 
 def test_data_information_is_the_capped_per_run_information_of_the_fitted_steps():
     """From the fit's per-run Gram matrices: Σ_runs mean(z zᵀ) × min(steps, 100) / σ² with z = x / y."""
-    from rooflab.features import featurize
-    from rooflab.synthetic import synthetic_steps, with_step_times
-    from rooflab.variant import get_variant
+    from rooflab.model.features import featurize
+    from rooflab.data.synthetic import synthetic_steps, with_step_times
+    from rooflab.model.variants import get_variant
 
     steps = with_step_times(synthetic_steps(n_runs=6, steps_per_run=150))
     steps = steps[steps.index % 150 < 60 + 30 * (steps["run_id"] == "run00")]  # runs of 90 and 60 steps
@@ -226,7 +226,7 @@ def test_campaign_flow_logs_doptimal_picks(tmp_path):
 def test_stop_rule_can_require_held_out_replay_error(tmp_path):
     """The optional replay criterion (issue 7 → the stop rule): held-out runs of the store replayed with the
     current coefficients, judged against SPEC §12's request-level targets."""
-    from rooflab.targeting import stop_rule
+    from rooflab.targeting.menu import stop_rule
     from tasks.analyze import heldout_replay_error
 
     c = load_campaign("smoke")

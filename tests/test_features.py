@@ -4,10 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rooflab.arch import load_model
-from rooflab.features import Setting, compute_features, featurize
-from rooflab.hardware import load_hardware
-from rooflab.tables import aggregate_entries
+from rooflab.model.arch import load_model
+from rooflab.model.features import Setting, compute_features, featurize
+from rooflab.model.hardware import load_hardware
+from rooflab.data.tables import aggregate_entries
 
 H100 = load_hardware("H100-SXM")
 EMPTY = dict(prefill_reqs=[0], prefill_tokens=[0], prefill_context=[0], decode_reqs=[0], decode_context=[0])
@@ -99,9 +99,9 @@ def test_featurize_groups_settings_and_keeps_row_order():
 
 def test_vllm_tp_feature_is_the_physical_ring_with_hop_latency():
     """vllm formulas: f_tp = 2L·[2(TP−1)/TP·M/BW_link + 2(TP−1)·t_hop]; design formulas keep the PR's HBM form."""
-    from rooflab.arch import load_model
-    from rooflab.features import Setting, compute_features
-    from rooflab.hardware import load_hardware
+    from rooflab.model.arch import load_model
+    from rooflab.model.features import Setting, compute_features
+    from rooflab.model.hardware import load_hardware
 
     arch, hw = load_model("llama-3.1-8b"), load_hardware("H100-SXM")
     step = dict(prefill_reqs=[0, 0], prefill_tokens=[0, 0], prefill_context=[0, 0], prefill_attn_pairs=[0, 0],

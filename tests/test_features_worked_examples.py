@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 
-from rooflab.arch import load_model
-from rooflab.features import Setting, compute_features, static_weight_bytes, expert_weight_bytes
-from rooflab.hardware import load_hardware
+from rooflab.model.arch import load_model
+from rooflab.model.features import Setting, compute_features, static_weight_bytes, expert_weight_bytes
+from rooflab.model.hardware import load_hardware
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "docs" / "formulas_worked_examples.json"
 FIXTURE = Path(__file__).parent / "fixtures" / "formulas_worked_examples.json"

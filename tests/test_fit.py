@@ -4,11 +4,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rooflab.calibration import Options, calibrate
-from rooflab.features import featurize
-from rooflab.fit import fit_alpha, fit_beta
-from rooflab.variant import get_variant
-from rooflab.synthetic import TRUE_BETA, synthetic_steps, with_step_times
+from rooflab.fit.calibration import Options, calibrate
+from rooflab.model.features import featurize
+from rooflab.fit.beta import fit_alpha, fit_beta
+from rooflab.model.variants import get_variant
+from rooflab.data.synthetic import TRUE_BETA, synthetic_steps, with_step_times
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_calibrate_holds_out_validation_runs_and_routes_saturation(steps):
 def test_proportional_prior_free_terms_are_tied_explicitly():
     """One layer count in the data: β7 and β_layer·L are the same column up to a factor. The fit must not
     let the solver split them arbitrarily: β7 is held at 0, β_layer carries the effect, and it says so."""
-    from rooflab.health import check_health
+    from rooflab.fit.health import check_health
 
     steps = synthetic_steps(n_runs=6, steps_per_run=300, settings=(("llama-3.1-8b", 1), ("llama-3.1-8b", 2)))
     truth = np.r_[TRUE_BETA[:6], 320.0, 0.0]  # only a per-step constant, 320 µs = 10 µs × 32 layers
@@ -186,7 +186,7 @@ def test_proportional_prior_free_terms_are_tied_explicitly():
 
 
 def test_route_steps_on_constructed_steps():
-    from rooflab.saturation import route_steps
+    from rooflab.data.saturation import route_steps
 
     steps = pd.DataFrame({"kv_usage": [0.5, 0.951, 0.95, np.nan, 0.2], "preemptions": [0, 0, 0, 2, 1]})
     r = route_steps(steps)

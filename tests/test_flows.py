@@ -14,8 +14,8 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows.campaign import campaign_flow  # noqa: E402
 from flows.deployments import build_deployments, next_fire_times, refit_trigger  # noqa: E402
-from rooflab.store import Store  # noqa: E402
-from tasks import track  # noqa: E402
+from rooflab.data.store import Store  # noqa: E402
+from tracking import campaign_runs as track  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -137,7 +137,7 @@ def test_validate_and_new_model_flows(tmp_path):
     """V1 on a model the campaign never trained on: the flow collects the V1 points (held out), reports
     the current coefficients' step-time MAPE on them; the new-model flow sweeps only when V1 misses > 10%."""
     from flows.validate import NEW_MODEL_MAPE_LIMIT, new_model_flow, v1_points, validate_flow
-    from rooflab.campaign import load_campaign
+    from rooflab.collect.spec import load_campaign
 
     store, mlruns = str(tmp_path / "store"), str(tmp_path / "mlruns")
     campaign_flow(campaign="smoke", store=store, mlruns=mlruns, launcher="direct", batch_size=4, max_iterations=1,

@@ -5,13 +5,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rooflab.calibration import Options, calibrate
-from rooflab.features import featurize
-from rooflab.fit import fit_beta
-from rooflab.health import FAIL, PASS, check_health, overall
-from rooflab.residuals import HOTSPOT_MAPE, bucket_table
-from rooflab.variant import get_variant
-from rooflab.synthetic import synthetic_steps, with_step_times
+from rooflab.fit.calibration import Options, calibrate
+from rooflab.model.features import featurize
+from rooflab.fit.beta import fit_beta
+from rooflab.fit.health import FAIL, PASS, check_health, overall
+from rooflab.fit.residuals import HOTSPOT_MAPE, bucket_table
+from rooflab.model.variants import get_variant
+from rooflab.data.synthetic import synthetic_steps, with_step_times
 
 
 def _status(checks, check, target):
@@ -118,7 +118,7 @@ def test_calibration_reports_influence_and_writes_plots(good, tmp_path):
 def test_specification_tests_judge_effect_sizes(good):
     """A well-specified model leaves little curvature and no error growth; a model whose error grows
     with step size (a missing quadratic term) shows both, in effect size, not only in p-values."""
-    from rooflab.residuals import specification_tests
+    from rooflab.fit.residuals import specification_tests
 
     y = good["step_time_us"].to_numpy()
     fine = specification_tests(good, y, y * np.random.default_rng(0).lognormal(0, 0.02, len(y)))

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from rooflab.arch import CONFIGS_DIR, ModelArch, list_models, load_model, parse_config
+from rooflab.model.arch import CONFIGS_DIR, ModelArch, list_models, load_model, parse_config
 from rooflab.errors import InputError
-from rooflab.hardware import Hardware, list_hardware, load_hardware
-from rooflab.tables import aggregate_entries, validate_steps
+from rooflab.model.hardware import Hardware, list_hardware, load_hardware
+from rooflab.data.tables import aggregate_entries, validate_steps
 
 
 def _one_line_error(exc_info, *needles):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from rooflab.adapters.otel import (
+from rooflab.data.adapters.otel import (
     JourneyEvent, journeys_from_request_events, read_otel_traces, reconstruct_steps, tables_from_records,
 )
 from rooflab.errors import InputError
@@ -363,7 +363,7 @@ def test_round_trip_reproduces_the_records(small, tmp_path):
 
 
 def test_request_table_feeds_alpha_fit(small, tmp_path):
-    from rooflab.fit import fit_alpha
+    from rooflab.fit.beta import fit_alpha
 
     records, events, done = small
     got = read_otel_traces(write_trace(tmp_path / "t.jsonl", records, events, done), **META)

@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rooflab.adapters import read_steps
-from rooflab.adapters.step_records import step_records_to_steps
-from rooflab.calibration import Options
-from rooflab.crossval import leave_one_model_out, leave_one_run_out
+from rooflab.data.adapters import read_steps
+from rooflab.data.adapters.step_records import step_records_to_steps
+from rooflab.fit.calibration import Options
+from rooflab.fit.crossval import leave_one_model_out, leave_one_run_out
 from rooflab.errors import InputError
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "steps" / "h100_step_records.parquet"

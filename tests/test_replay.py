@@ -8,17 +8,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rooflab.arch import load_model
+from rooflab.model.arch import load_model
 from rooflab.errors import InputError
-from rooflab.features import Setting, compute_features
-from rooflab.hardware import load_hardware
-from rooflab.replay import (Coefficients, FittedStepTimer, RecordedOverheads, RecordedStepTimer, Trace,
+from rooflab.model.features import Setting, compute_features
+from rooflab.model.hardware import load_hardware
+from rooflab.replay.replay import (Coefficients, FittedStepTimer, RecordedOverheads, RecordedStepTimer, Trace,
                             blis_coefficients, compare, grade, load_coefficients, read_inference_perf, read_trace,
                             replay)
-from rooflab.twin.engine import Engine, EngineConfig, Request
+from rooflab.twin.engine import Engine, Request
+from rooflab.model.engine_config import EngineConfig
 from rooflab.twin.simulate import simulate
 from rooflab.twin.truth import TruthModel
-from rooflab.variant import get_variant
+from rooflab.model.variants import get_variant
 
 H100 = load_hardware("H100-SXM")
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
@@ -269,7 +270,7 @@ def test_real_run_window_replay_with_blis_coefficients():
 
 def test_store_replay_error_for_the_stop_rule(tmp_path):
     """Held-out replay error from data store request tables (what the campaign's stop rule can call)."""
-    from rooflab.replay import store_replay_error
+    from rooflab.replay.replay import store_replay_error
 
     w, sim, config = _twin_trace(n=100)
     run = tmp_path / "runs" / "v1-abc"
@@ -287,7 +288,7 @@ def test_store_replay_error_for_the_stop_rule(tmp_path):
 
 
 def test_cli_replay_and_calibrate_e2e(tmp_path, capsys):
-    from rooflab.cli import main
+    from cli.main import main
 
     _, sim, _ = _twin_trace(n=120)
     table = tmp_path / "requests.parquet"

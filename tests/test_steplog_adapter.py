@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rooflab.adapters.steplog import (base_request_id, client_requests, match_client_requests, read_steplog,
+from rooflab.data.adapters.steplog import (base_request_id, client_requests, match_client_requests, read_steplog,
                                       response_request_id)
-from rooflab.campaign import parse_campaign
+from rooflab.collect.spec import parse_campaign
 from rooflab.errors import InputError
-from rooflab.launch.endpoints import vllm_command
+from rooflab.collect.launchers.endpoints import vllm_command
 
 PLUGIN = Path(__file__).resolve().parent.parent / "plugins" / "vllm_steplog"
 MS = 1_000_000  # ns
@@ -416,7 +416,7 @@ def test_vllm_endpoint_errors(endpoint, where, problem):
 
 
 def test_shipped_vllm_cpu_campaign_loads():
-    from rooflab.campaign import load_campaign
+    from rooflab.collect.spec import load_campaign
 
     c = load_campaign("vllm-cpu")
     assert c.endpoint.kind == "vllm" and c.hardware == "CPU-EPYC-Zen2-1core" and len(c.design("ci")) == 5

@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rooflab.collect import collect
+from rooflab.collect.collector import collect
 from rooflab.errors import InputError
-from rooflab.launch import RunResult
-from rooflab.store import Store
-from rooflab.sweep import SweepPoint, run_id
+from rooflab.collect.launchers import RunResult
+from rooflab.data.store import Store
+from rooflab.data.sweep import SweepPoint, run_id
 
 
 def point(rate=8, model="llama-3.1-8b", tp=1, family="W3", split="train"):

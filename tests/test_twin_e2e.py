@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rooflab.adapters.otel import read_otel_traces
-from rooflab.launch.endpoints import free_port, wait_healthy
+from rooflab.data.adapters.otel import read_otel_traces
+from rooflab.collect.launchers.endpoints import free_port, wait_healthy
 from rooflab.twin.tokenizer import ensure_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ def test_inference_perf_against_the_twin(tmp_path):
     port = free_port()
     trace = tmp_path / "traces.jsonl"
     env = {**os.environ, "ROOFLAB_CACHE": str(cache)}
-    proc = subprocess.Popen([sys.executable, "-m", "rooflab", "twin", "serve", "--model", "llama-3.1-8b", "--tp", "1",
+    proc = subprocess.Popen([sys.executable, "-m", "rooflab.twin", "serve", "--model", "llama-3.1-8b", "--tp", "1",
                              "--port", str(port), "--accel", "20", "--trace", str(trace), "--seed", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"

@@ -6,10 +6,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from rooflab.arch import load_model
+from rooflab.model.arch import load_model
 from rooflab.errors import InputError
-from rooflab.hardware import load_hardware
-from rooflab.twin.engine import Engine, EngineConfig, Request, kv_capacity_blocks
+from rooflab.model.hardware import load_hardware
+from rooflab.twin.engine import Engine, Request
+from rooflab.model.engine_config import EngineConfig, kv_capacity_blocks
 from rooflab.twin.simulate import constant_rate_workload, simulate
 
 ARCH = load_model("llama-3.1-8b")

@@ -4,11 +4,12 @@ adapter that reads the real fork's traces) into exactly the engine's own step an
 import numpy as np
 import pandas as pd
 
-from rooflab.adapters.otel import read_otel_traces
-from rooflab.arch import load_model
-from rooflab.hardware import load_hardware
-from rooflab.saturation import route_steps
-from rooflab.twin.engine import Engine, EngineConfig, Request
+from rooflab.data.adapters.otel import read_otel_traces
+from rooflab.model.arch import load_model
+from rooflab.model.hardware import load_hardware
+from rooflab.data.saturation import route_steps
+from rooflab.twin.engine import Engine, Request
+from rooflab.model.engine_config import EngineConfig
 from rooflab.twin.otel import TraceWriter
 from rooflab.twin.simulate import constant_rate_workload, simulate
 from rooflab.twin.truth import TruthModel

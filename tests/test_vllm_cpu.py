@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rooflab.adapters.steplog import read_steplog
-from rooflab.campaign import load_campaign
-from rooflab.collect import collect
-from rooflab.launch.factory import close_launcher, make_launcher
-from rooflab.store import Store
-from rooflab import vllm_cpu
+from rooflab.data.adapters.steplog import read_steplog
+from rooflab.collect.spec import load_campaign
+from rooflab.collect.collector import collect
+from rooflab.collect.launchers.factory import close_launcher, make_launcher
+from rooflab.data.store import Store
+from rooflab.collect import vllm_cpu
 
 pytestmark = pytest.mark.slow
 
@@ -192,7 +192,7 @@ def test_request_timings_consistent_with_inference_perf(collected):
 
 def test_stock_vllm_fit_on_cpu(collected):
     """The model fitted to CPU steps: reported honestly, not held to the GPU targets."""
-    from rooflab.calibration import Options, calibrate
+    from rooflab.fit.calibration import Options, calibrate
 
     camp, store, manifests, steps, requests, _ = collected
     t = time.monotonic()
@@ -204,7 +204,7 @@ def test_stock_vllm_fit_on_cpu(collected):
                       "beta_interval": {k: [v["lower"], v["upper"]] for k, v in beta.items()},
                       "alpha": {k: v["value"] for k, v in calib.alpha.to_dict().get("coefficients", {}).items()},
                       "health": [c.to_dict() for c in calib.health]}
-    from rooflab.crossval import leave_one_run_out
+    from rooflab.fit.crossval import leave_one_run_out
 
     family = {rid: f"{m['point']['family']} {m['point']['params']}" for rid, m in manifests.items()}
     loro = leave_one_run_out(steps, Options(variant="roofline7"))

@@ -2,7 +2,7 @@
 
     python -m rooflab.twin.calibrate [--steps PATH] [--hardware H100-SXM] [--seed 0] [--search]
 
-Replays the batch compositions of the real step records (``rooflab.adapters.step_records``: Llama-2-70B
+Replays the batch compositions of the real step records (``rooflab.data.adapters.step_records``: Llama-2-70B
 TP4 and CodeLlama-34B TP2 on H100 SXM) through :class:`rooflab.twin.truth.TruthModel` and compares the
 predicted step times (with noise and stragglers) with the measured cycle times, per run: median APE,
 p10 / p50 / p90 of real and predicted, and the ratio of the inter-quartile ranges.
@@ -32,12 +32,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rooflab.arch import load_model
+from rooflab.model.arch import load_model
 from rooflab.errors import InputError
-from rooflab.hardware import load_hardware
+from rooflab.paths import REAL_DATA_DIR
+from rooflab.model.hardware import load_hardware
 from rooflab.twin.truth import TruthModel, load_twin_config, twin_configs_dir
 
-DEFAULT_STEPS = Path(__file__).resolve().parents[2].parent / "shared/data/real/steps/h100_step_records.parquet"
+DEFAULT_STEPS = REAL_DATA_DIR / "steps" / "h100_step_records.parquet"
 CONTEXT_CV = 0.5
 
 ASSUMPTIONS = (
@@ -86,7 +87,7 @@ def rebuild_batches(steps: pd.DataFrame, seed: int = 0, cv: float = CONTEXT_CV) 
 
 
 def load_real(path: Path, hardware: str = "H100-SXM") -> pd.DataFrame:
-    from rooflab.adapters.step_records import read_step_records
+    from rooflab.data.adapters.step_records import read_step_records
 
     steps = read_step_records(path, hardware=hardware)
     return steps[np.isfinite(steps["step_time_us"])].reset_index(drop=True)
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     worst = tab[tab.run != "ALL"]["median_ape_pct"].max()
     print(f"\nworst per-run median APE: {worst:.2f}% (target <= 10%)")
     print("\nlargest misses (bound = the step's FLOPs or weight bytes at 100% of the datasheet peak):")
-    from rooflab.features import featurize
+    from rooflab.model.features import featurize
 
     real = steps["step_time_us"].to_numpy()
     worst_idx = np.argsort(-np.abs(np.log(pred / real)))[:5]

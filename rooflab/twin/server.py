@@ -396,9 +396,9 @@ def build_server(model: str, hardware: str, tp: int, *, accel: float = 1.0, trac
                  seed: int = 0, served_model_name: str | None = None, engine_config=None,
                  tokenizer_path: str | Path | None = None) -> TwinServer:
     """A twin server for (model, TP, hardware) with the hidden truth model as its step timer."""
-    from rooflab.arch import load_model
-    from rooflab.hardware import load_hardware
-    from rooflab.twin.engine import EngineConfig
+    from rooflab.model.arch import load_model
+    from rooflab.model.hardware import load_hardware
+    from rooflab.model.engine_config import EngineConfig
     from rooflab.twin.tokenizer import get_tokenizer
     from rooflab.twin.truth import TruthModel
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from rooflab.errors import InputError
-from rooflab.tables import validate_requests, validate_steps
+from rooflab.data.tables import validate_requests, validate_steps
 from rooflab.twin import records as R
 from rooflab.twin.engine import Engine, Request
 

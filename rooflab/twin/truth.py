@@ -54,10 +54,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rooflab import arch as _arch
-from rooflab.arch import ModelArch
+from rooflab.paths import CONFIGS_DIR
+from rooflab.model.arch import ModelArch
 from rooflab.errors import InputError
-from rooflab.hardware import Hardware, load_hardware
+from rooflab.model.hardware import Hardware, load_hardware
 
 # ---------------------------------------------------------------------------------------------------
 # Configuration schema: section -> field -> kind.
@@ -87,7 +87,7 @@ _POOL = 4096  # pooled normal / uniform draws taken from the generator at a time
 
 
 def twin_configs_dir() -> Path:
-    return _arch.CONFIGS_DIR / "twin"
+    return CONFIGS_DIR / "twin"
 
 
 def list_twin_hardware() -> list[str]:

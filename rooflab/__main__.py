@@ -1,5 +1,0 @@
-import sys
-
-from rooflab.cli import main
-
-sys.exit(main())

@@ -1,0 +1,50 @@
+"""The direct launcher: a sweep point through the twin's fast mode (no HTTP, no sleeping).
+
+Same run folder layout and tables as a real run: the tables come from the engine itself (exact step
+times, server-clock lifecycles); traces are written only on request (``traces=True``), since full
+per-request snapshots cost ~0.3 ms per step. GPU-seconds = simulated span (first arrival to last
+departure) × TP.
+"""
+
+from __future__ import annotations
+
+from rooflab.model.arch import load_model
+from rooflab.model.hardware import load_hardware
+from rooflab.collect.launchers import RunResult
+from rooflab.data.store import RunDir
+from rooflab.data.sweep import SweepPoint
+
+
+class DirectLauncher:
+    name = "direct"
+
+    def __init__(self, *, traces: bool = False):
+        self.traces = traces
+
+    def run(self, point: SweepPoint, rd: RunDir) -> RunResult:
+        from rooflab.twin.engine import Engine
+        from rooflab.model.engine_config import EngineConfig
+        from rooflab.twin.otel import TraceWriter
+        from rooflab.twin.simulate import simulate
+        from rooflab.twin.truth import TruthModel
+        from rooflab.collect.workloads import point_requests
+
+        arch, hw = load_model(point.model), load_hardware(point.hardware)
+        seed = point.seed
+        truth = TruthModel.from_config(hw.name, arch, point.tp, seed=seed)
+        engine = Engine(arch, hw, point.tp, truth, EngineConfig(**dict(point.engine)), seed=seed)
+        reqs = point_requests(point, seed=seed)
+        if self.traces:
+            with TraceWriter(rd.sub("traces", "traces.jsonl"), seed=seed) as w:
+                res = simulate(engine, reqs, overheads=truth, trace=w, run_id=rd.run_id)
+        else:
+            res = simulate(engine, reqs, overheads=truth, run_id=rd.run_id)
+        q = res.requests
+        rejected = int((q["status"] == "rejected").sum())
+        span = (q["departed_us"].max() - q["arrived_us"].min()) / 1e6 if len(q) else 0.0
+        engine_info = {"kind": "twin-direct", "num_gpu_blocks": engine.num_blocks, "max_model_len": engine.max_model_len}
+        if rejected:
+            return RunResult("failed", f"{rejected} of {len(q)} requests were rejected by the server (HTTP 400)",
+                             steps=res.steps, requests=q, gpu_seconds=float(span) * point.tp, engine=engine_info)
+        return RunResult("ok", steps=res.steps, requests=q, gpu_seconds=float(span) * point.tp, engine=engine_info,
+                         extra={"simulated_steps": res.n_steps})
