@@ -32,6 +32,7 @@ import numpy as np
 
 from rooflab.files import atomic_write_text, json_dumps
 from rooflab.replay.replay import (METRICS, Coefficients, compare, load_coefficients, plot_replay, read_real_trace, replay,
+from rooflab.model.variants import DEFAULT_VARIANT
                             saturation_report)
 
 TRAIN = ("20260217-202857-llama-2-70b-tp4-general", "20260217-203421-llama-2-70b-hf-tp4-codegen",
@@ -45,7 +46,7 @@ OVERLOADED = ("20260217-170634-llama-2-7b-tp1-reasoning", "20260218-065057-llama
               "20260218-135247-mixtral-8x7b-v0-1-tp2-reasoning", "20260218-160939-codellama-34b-tp2-reasoning")
 
 
-def step_fit(root: Path, variant: str = "roofline7+layers", n_boot: int = 20) -> Coefficients:
+def step_fit(root: Path, variant: str = DEFAULT_VARIANT, n_boot: int = 20) -> Coefficients:
     """(a): β from the real step records (all three step-record runs are training runs), α not fitted."""
     from rooflab.data.adapters import read_steps
     from rooflab.fit.calibration import Options, calibrate

@@ -11,6 +11,7 @@ import typer
 from rooflab.errors import InputError
 from rooflab.files import atomic_write_text, json_dumps
 from rooflab.model.variants import get_variant
+from rooflab.model.variants import DEFAULT_VARIANT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="rooflab: calibrate corrected-roofline step-time models of vLLM serving.")
@@ -33,7 +34,7 @@ def fit(
     steps: Path = typer.Option(..., "--steps", help="step table or aggregated step records (.parquet/.csv)"),
     requests: Optional[Path] = typer.Option(None, "--requests", help="request table for the α fit"),
     hardware: str = typer.Option("H100-SXM", help="GPU of step-record files (they do not name it)"),
-    variant: str = typer.Option("roofline7", help="model variant: roofline7 | roofline7+layers"),
+    variant: str = typer.Option(DEFAULT_VARIANT, help="model variant: roofline7 | roofline7+layers"),
     formulas: str = typer.Option("vllm", help="feature formulas: vllm | design"),
     prior: str = typer.Option("auto", help="prior strength λ, or 'auto' (leave-one-run-out choice)"),
     boot: int = typer.Option(200, help="bootstrap draws"),
@@ -166,7 +167,7 @@ def campaign_cmd(
     fast: bool = typer.Option(False, "--fast", help="direct launcher (twin fast mode) instead of inference-perf"),
     batch_size: int = typer.Option(6, help="sweep points per targeted iteration"),
     max_iterations: int = typer.Option(3, help="iteration cap (bootstrap = iteration 0)"),
-    variant: str = typer.Option("roofline7+layers", help="model variant to fit"),
+    variant: str = typer.Option(DEFAULT_VARIANT, help="model variant to fit"),
     boot: int = typer.Option(100, help="bootstrap draws per fit"),
     targeting: str = typer.Option("d-optimal", help="d-optimal (information per predicted GPU-second) or menu"),
     replay_stop: bool = typer.Option(False, "--replay-stop", help="the stop rule also requires the held-out "
@@ -431,7 +432,7 @@ def calibrate_e2e_cmd(
     max_num_seqs: Optional[int] = typer.Option(None), max_num_batched_tokens: Optional[int] = typer.Option(None),
     num_gpu_blocks: Optional[int] = typer.Option(None), max_model_len: Optional[int] = typer.Option(None),
     prefix_caching: Optional[bool] = typer.Option(None, "--prefix-caching/--no-prefix-caching"),
-    variant: str = typer.Option("roofline7+layers", help="model variant: roofline7 | roofline7+layers"),
+    variant: str = typer.Option(DEFAULT_VARIANT, help="model variant: roofline7 | roofline7+layers"),
     prior: float = typer.Option(1e-3, help="prior strength λ toward β1–β5 = 1"),
     iterations: int = typer.Option(4, help="stacked per-request fixed-point iterations"),
     polish: int = typer.Option(12, help="Nelder–Mead replay evaluations after the stacked fit (0: none)"),

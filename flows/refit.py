@@ -9,10 +9,11 @@ from prefect import flow
 
 from tracking import campaign_runs as track
 from tasks.analyze import calibrate_from_store
+from rooflab.model.variants import DEFAULT_VARIANT
 
 
 @flow(name="rooflab-refit", log_prints=True)
-def refit_flow(campaign: str, store: str = "store", mlruns: str = "mlruns", variant: str = "roofline7+layers",
+def refit_flow(campaign: str, store: str = "store", mlruns: str = "mlruns", variant: str = DEFAULT_VARIANT,
                formulas: str = "vllm", n_boot: int = 100, reason: str = "manual") -> dict:
     options = {"variant": variant, "formulas": formulas, "n_boot": n_boot}
     work = Path(mlruns) / "work" / campaign / "refit"

@@ -13,6 +13,7 @@ from rooflab.data.store import Store
 from rooflab.data.sweep import SweepPoint
 from tracking import campaign_runs as track
 from tasks.analyze import calibrate_from_store
+from rooflab.model.variants import DEFAULT_VARIANT
 
 NEW_MODEL_MAPE_LIMIT = 0.10
 
@@ -29,7 +30,7 @@ def v1_points(camp, model: str, tp: int, hardware: str | None = None) -> list[Sw
 
 @flow(name="rooflab-validate", log_prints=True)
 def validate_flow(campaign: str, model: str, tp: int, hardware: str | None = None, store: str = "store",
-                  mlruns: str = "mlruns", launcher: str = "inference-perf", variant: str = "roofline7+layers") -> dict:
+                  mlruns: str = "mlruns", launcher: str = "inference-perf", variant: str = DEFAULT_VARIANT) -> dict:
     from flows.campaign import collect_points
     from rooflab.collect.launchers.factory import close_launcher, make_launcher
 

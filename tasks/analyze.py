@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from rooflab.fit.calibration import Calibration, Options, calibrate
 from rooflab.data.store import Store
+from rooflab.model.variants import DEFAULT_VARIANT
 
 
 @task(name="calibrate", cache_policy=NO_CACHE)
@@ -46,7 +47,7 @@ def pick_next(calib, campaign, collected: set, batch_size: int, budget_left_s: f
         if len(runs):
             spent = runs.groupby("split")["gpu_seconds"].sum().to_dict()
     return choose_next_doptimal(calib, campaign, collected, batch_size=batch_size,
-                                budget_gpu_seconds_left=budget_left_s, variant=opts.get("variant", "roofline7+layers"),
+                                budget_gpu_seconds_left=budget_left_s, variant=opts.get("variant", DEFAULT_VARIANT),
                                 formulas=opts.get("formulas", "vllm"),
                                 heldout_gpu_s=float(spent.get("validation", 0.0)),
                                 train_gpu_s=float(spent.get("train", 0.0)))

@@ -114,7 +114,7 @@ def synthetic_steps(tmp_path_factory):
 
 
 def _fit_json(capsys, *argv):
-    rc = main(["fit", *argv])
+    rc = main(["fit", "--variant", "roofline7", *argv])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     return json.loads(captured.out)

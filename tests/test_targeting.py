@@ -23,7 +23,7 @@ from rooflab.twin.simulate import simulate
 from rooflab.twin.truth import TruthModel
 from rooflab.collect.workloads import point_requests
 
-OPTS = Options(n_boot=50)
+OPTS = Options(variant="roofline7", n_boot=50)
 
 
 def _simulate(point, campaign="test"):

@@ -31,7 +31,7 @@ def steps():
 
 @pytest.fixture(scope="module")
 def calib(steps, tmp_path_factory):
-    return calibrate(steps, None, Options(n_boot=20), plots_dir=tmp_path_factory.mktemp("plots"))
+    return calibrate(steps, None, Options(variant="roofline7", n_boot=20), plots_dir=tmp_path_factory.mktemp("plots"))
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +254,7 @@ def test_export_cli_end_to_end(steps, tmp_path, capsys):
     parquet = tmp_path / "steps.parquet"
     steps[steps["run_id"].isin(["run00", "run01", "run02"])].drop(columns=["split"]).to_parquet(parquet)
     fit_json = tmp_path / "fit.json"
-    assert main(["fit", "--steps", str(parquet), "--boot", "5", "--out", str(fit_json)]) == 0
+    assert main(["fit", "--steps", str(parquet), "--variant", "roofline7", "--boot", "5", "--out", str(fit_json)]) == 0
     blis = tmp_path / "out" / "blis.yaml"
     assert main(["export", "--fit", str(fit_json), "--format", "blis", "--out", str(blis),
                  "--hardware", "H100-SXM"]) == 0

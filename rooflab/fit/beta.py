@@ -24,7 +24,7 @@ import pandas as pd
 from scipy.optimize import lsq_linear, nnls
 
 from rooflab.errors import InputError
-from rooflab.model.variants import Variant, get_variant
+from rooflab.model.variants import DEFAULT_VARIANT, Variant, get_variant
 
 DEFAULT_PRIOR_STRENGTH = 1e-3
 PRIOR_GRID = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -214,7 +214,7 @@ def _heldout_mape(design: Design, Zs_by_run: dict, lam: float) -> float:
     return float(np.mean(errs)) if errs else np.nan
 
 
-def fit_beta(X: np.ndarray, y: np.ndarray, run_ids, variant: str | Variant = "roofline7", *,
+def fit_beta(X: np.ndarray, y: np.ndarray, run_ids, variant: str | Variant = DEFAULT_VARIANT, *,
              formulas: str = "vllm", prior_strength: float | str = "auto", n_boot: int = 200, ci: float = 0.90,
              seed: int = 0, order: np.ndarray | None = None) -> BetaFit:
     """Fit β on unsaturated steps. ``X`` = design matrix of the variant, ``y`` = step times (µs)."""

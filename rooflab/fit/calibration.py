@@ -15,12 +15,14 @@ from rooflab.fit.health import Check, check_health, overall
 from rooflab.fit.residuals import bucket_table, plot_residuals, run_influence, specification_tests, summary
 from rooflab.data.saturation import route_steps
 from rooflab.model.variants import get_variant
+from rooflab.model.variants import DEFAULT_VARIANT
+from rooflab.model.features import DEFAULT_FORMULAS
 
 
 @dataclass(frozen=True)
 class Options:
-    variant: str = "roofline7"
-    formulas: str = "vllm"
+    variant: str = DEFAULT_VARIANT
+    formulas: str = DEFAULT_FORMULAS
     prior_strength: float | str = "auto"
     n_boot: int = 200
     ci: float = 0.90

@@ -37,6 +37,8 @@ from scipy.optimize import lsq_linear, minimize
 from rooflab.errors import InputError
 from rooflab.replay.replay import Coefficients, Trace, compare, replay
 from rooflab.model.variants import get_variant
+from rooflab.model.variants import DEFAULT_VARIANT
+from rooflab.model.features import DEFAULT_FORMULAS
 
 PHYSICAL = (0.3, 5.0)  # SPEC §1: β1–β5 are efficiency corrections, physically ~0.3 … ~5
 # α upper bounds (µs, µs, µs/token): an API overhead under 1 s; a post-decode overhead under 20 ms; detokenising
@@ -51,7 +53,7 @@ PRIOR_START = {"beta1": 1.0, "beta2": 1.0, "beta3": 1.0, "beta4": 1.0, "beta5": 
 
 @dataclass(frozen=True)
 class E2EOptions:
-    variant: str = "roofline7+layers"
+    variant: str = DEFAULT_VARIANT
     formulas: str = "vllm"
     prior_strength: float = 1e-3  # λ: mean squared relative error one unit of (β−1)² is worth (as in the step fit)
     window_s: float | None = 180.0  # replay windows of this length of each training run (None: all of it)
@@ -77,7 +79,7 @@ class E2EResult:
                 "options": self.options.__dict__}
 
 
-def prior_coefficients(variant: str = "roofline7+layers", formulas: str = "vllm") -> Coefficients:
+def prior_coefficients(variant: str = DEFAULT_VARIANT, formulas: str = DEFAULT_FORMULAS) -> Coefficients:
     v = get_variant(variant)
     return Coefficients({n: PRIOR_START[n] for n in v.names}, (0.0, 0.0, 0.0), v.name, formulas, "priors", False,
                         ["start: priors (β1–β5 = 1, β6 = 10 µs, β7 = 100 µs, β_layer = 10 µs, α = 0)"])

@@ -25,6 +25,7 @@ from rooflab.errors import InputError
 from rooflab.model.hardware import Hardware
 
 FORMULAS = ("vllm", "design")
+DEFAULT_FORMULAS = "vllm"
 
 # Per-step batch aggregates the features are computed from (names of the step table).
 AGGREGATE_COLUMNS = (

@@ -66,6 +66,7 @@ VARIANTS = {
     "roofline7+layers": Variant("roofline7+layers", ROOFLINE7 + (
         Term("beta_layer", "n_layers", "per-layer overhead (launches, norms)", "µs/layer"),)),
 }
+DEFAULT_VARIANT = "roofline7+layers"  # what campaigns, replay and `rooflab fit` use unless told otherwise
 assert all(t.feature in BASIS_COLUMNS for v in VARIANTS.values() for t in v.terms)
 
 

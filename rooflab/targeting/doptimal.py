@@ -40,6 +40,8 @@ from rooflab.collect.spec import Campaign
 from rooflab.fit.health import FAIL, WARN
 from rooflab.data.sweep import SweepPoint
 from rooflab.model.variants import get_variant
+from rooflab.model.variants import DEFAULT_VARIANT
+from rooflab.model.features import DEFAULT_FORMULAS
 
 STEPS_PER_RUN = 100  # a run counts as at most this many independent step observations
 MIN_SIGMA = 0.02  # relative residual floor (the fit's noise can look smaller than the model error)
@@ -121,7 +123,7 @@ def simulate_point(point: SweepPoint, beta: dict, variant: str, formulas: str, m
     return res.steps, q, float(span) * point.tp
 
 
-def predict_point(point: SweepPoint, beta: dict, variant: str = "roofline7+layers", formulas: str = "vllm",
+def predict_point(point: SweepPoint, beta: dict, variant: str = DEFAULT_VARIANT, formulas: str = DEFAULT_FORMULAS,
                   sigma: float = 0.05) -> Prediction:
     """Predicted information and cost of one run of ``point`` under the coefficients ``beta``.
 
@@ -287,7 +289,7 @@ def beta_of(calib, variant: str) -> dict:
 
 def choose_next_doptimal(calib, campaign: Campaign, collected: set[str], *,
                          batch_size: int, budget_gpu_seconds_left: float | None,
-                         variant: str = "roofline7+layers", formulas: str = "vllm",
+                         variant: str = DEFAULT_VARIANT, formulas: str = DEFAULT_FORMULAS,
                          heldout_gpu_s: float = 0.0, train_gpu_s: float = 0.0) -> list:
     """The next batch (SPEC §9): greedy Bayesian D-optimal gain per predicted GPU-second over the
     training candidates, priorities for flagged βs and hotspots, ~20% of the batch's GPU-seconds on
