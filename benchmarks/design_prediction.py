@@ -20,7 +20,8 @@ def main() -> None:
     import numpy as np
 
     from rooflab.collect.spec import load_campaign
-    from rooflab.targeting.doptimal import START_BETA, predict_point, simulate_point
+    from rooflab.targeting.information import START_BETA
+    from rooflab.targeting.prediction import predict_point, simulate_point
 
     train = [p for p in load_campaign("default").candidates() if p.split == "train"]
     t0 = time.perf_counter()

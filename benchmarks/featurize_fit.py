@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 
-from rooflab.model.features import featurize
-from rooflab.fit.beta import fit_beta
 from rooflab.data.synthetic import TRUE_BETA, synthetic_steps, with_step_times
+from rooflab.fit.beta import fit_beta
+from rooflab.model.features import featurize
 from rooflab.model.variants import get_variant
 
 

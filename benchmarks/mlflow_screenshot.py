@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 from rooflab.collect.launchers.endpoints import free_port, wait_healthy  # noqa: E402
+
 CHROMIUMS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
 
@@ -73,8 +74,8 @@ def screenshot(chromium: str, url: str, png: Path, *, size=(1600, 1000), budget_
 def build_demo_store(root: Path) -> str:
     """A small store like the tests build: one campaign, 3 iterations of a synthetic calibration."""
     sys.path.insert(0, str(ROOT))
-    from rooflab.fit.calibration import Options, calibrate
     from rooflab.data.synthetic import synthetic_steps, with_step_times
+    from rooflab.fit.calibration import Options, calibrate
     from tracking import campaign_runs as track
 
     steps = with_step_times(synthetic_steps(6, 200))

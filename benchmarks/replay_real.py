@@ -17,7 +17,7 @@ Coefficient sets, each replayed on the full held-out runs:
 * (b) **end-to-end**: β and α calibrated by replay of the training runs' request data
   (:func:`rooflab.fit.request_level.calibrate_e2e`), started from (a′);
 * (c) **BLIS trained-physics** (``blis/defaults.yaml``) mapped onto rooflab's features
-  (:func:`rooflab.replay.replay.blis_coefficients`).
+  (:func:`rooflab.replay.predict.blis_coefficients`).
 
 Writes ``reports/replay-real/results.json``, ``table.md`` and predicted-vs-measured plots.
 """
@@ -30,10 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
+from rooflab.data.traces import read_real_trace
 from rooflab.files import atomic_write_text, json_dumps
-from rooflab.replay.replay import (METRICS, Coefficients, compare, load_coefficients, plot_replay, read_real_trace, replay,
+from rooflab.model.coefficients import Coefficients, load_coefficients
 from rooflab.model.variants import DEFAULT_VARIANT
-                            saturation_report)
+from rooflab.replay.metrics import METRICS, compare, saturation_report
+from rooflab.replay.plots import plot_replay
+from rooflab.replay.predict import replay
 
 TRAIN = ("20260217-202857-llama-2-70b-tp4-general", "20260217-203421-llama-2-70b-hf-tp4-codegen",
          "20260218-130541-mixtral-8x7b-v0-1-tp2-general", "20260218-120914-mixtral-8x7b-v0-1-tp2-codegen",
@@ -50,7 +53,7 @@ def step_fit(root: Path, variant: str = DEFAULT_VARIANT, n_boot: int = 20) -> Co
     """(a): β from the real step records (all three step-record runs are training runs), α not fitted."""
     from rooflab.data.adapters import read_steps
     from rooflab.fit.calibration import Options, calibrate
-    from rooflab.replay.replay import coefficients_from_doc
+    from rooflab.model.coefficients import coefficients_from_doc
 
     steps = read_steps(root / "steps" / "h100_step_records.parquet")
     runs = set(steps["run_id"].astype(str))

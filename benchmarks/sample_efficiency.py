@@ -108,7 +108,7 @@ def _fit(data: Data, rids: list[str]):
 
 
 def _stop(calib, campaign, spent: float, budget: float, it: int):
-    from rooflab.targeting.menu import identifiable_betas, stop_rule
+    from rooflab.targeting.stop import identifiable_betas, stop_rule
 
     return stop_rule(calib, gpu_seconds_spent=spent, budget_gpu_seconds=budget, iteration=it,
                      max_iterations=MAX_ITERATIONS, required=identifiable_betas(campaign),
@@ -116,8 +116,8 @@ def _stop(calib, campaign, spent: float, budget: float, it: int):
 
 
 def _evaluate(calib, eval_steps: pd.DataFrame, ref_beta: dict | None) -> dict:
-    from rooflab.model.features import featurize
     from rooflab.fit.residuals import bucket_table, summary
+    from rooflab.model.features import featurize
     from rooflab.model.variants import get_variant
 
     if calib is None:

@@ -13,9 +13,9 @@ import argparse
 import time
 
 from rooflab.model.arch import load_model
+from rooflab.model.engine_config import EngineConfig
 from rooflab.model.hardware import load_hardware
 from rooflab.twin.engine import Engine
-from rooflab.model.engine_config import EngineConfig
 from rooflab.twin.simulate import constant_rate_workload, simulate
 from rooflab.twin.truth import TruthModel
 

@@ -10,8 +10,7 @@ import typer
 
 from rooflab.errors import InputError
 from rooflab.files import atomic_write_text, json_dumps
-from rooflab.model.variants import get_variant
-from rooflab.model.variants import DEFAULT_VARIANT
+from rooflab.model.variants import DEFAULT_VARIANT, get_variant
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="rooflab: calibrate corrected-roofline step-time models of vLLM serving.")
@@ -49,8 +48,8 @@ def fit(
     """Fit β (and α) to collected steps, check their health, and diagnose the residuals."""
     from rooflab.data.adapters import read_requests, read_steps
     from rooflab.fit.calibration import Options, calibrate
-    from rooflab.model.features import FORMULAS
     from rooflab.fit.report import render, render_evaluation
+    from rooflab.model.features import FORMULAS
 
     get_variant(variant)
     if formulas not in FORMULAS:
@@ -121,9 +120,9 @@ def collect(
     """Run a design's sweep points into the data store. Resumable: run the same command again."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from rooflab.collect.spec import load_campaign
     from rooflab.collect.collector import collect as run_collect
     from rooflab.collect.launchers.factory import close_launcher, make_launcher
+    from rooflab.collect.spec import load_campaign
     from rooflab.data.store import Store
 
     camp = load_campaign(campaign)
@@ -321,7 +320,7 @@ def _engine_overrides(max_num_seqs, max_num_batched_tokens, num_gpu_blocks, max_
 
 
 def _load_traces(requests: list[str], root, prefix, model, tp, hardware, engine: dict, window: Optional[str]):
-    from rooflab.replay.replay import read_trace
+    from rooflab.data.traces import read_trace
 
     traces = []
     for spec in requests:
@@ -365,7 +364,7 @@ def replay(
     """Replay request traces through the twin's scheduler with the fitted step-time model and α; compare the
     predicted TTFT / ITL / E2E with the measured ones (per run: APE of mean / P90 / P99, per-request APE,
     Pearson r, grade)."""
-    from rooflab.replay import replay as rp
+    from rooflab import replay as rp
 
     if prefix not in ("prompt", "system", "none"):
         raise InputError(None, "--prefix", f"expected prompt, system or none, got {prefix!r}")
@@ -445,7 +444,7 @@ def calibrate_e2e_cmd(
 ):
     """End-to-end calibration: fit β/α from request data only, by minimising the replay error (TTFT and E2E
     APE) of the training runs."""
-    from rooflab.replay import replay as rp
+    from rooflab import replay as rp
     from rooflab.fit.request_level import E2EOptions, calibrate_e2e
 
     get_variant(variant)

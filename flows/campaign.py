@@ -15,9 +15,14 @@ from prefect import flow
 from rooflab.collect.spec import load_campaign
 from rooflab.data.store import Store
 from rooflab.data.sweep import SweepPoint
-from tracking import campaign_runs as track
-from tasks.analyze import calibrate_from_store, decide_stop, heldout_replay_error, pick_next
+from tasks.analyze import (
+    calibrate_from_store,
+    decide_stop,
+    heldout_replay_error,
+    pick_next,
+)
 from tasks.launch import launch_point
+from tracking import campaign_runs as track
 
 
 def collected_keys(store: Store, campaign: str) -> set[str]:
@@ -52,7 +57,7 @@ def campaign_flow(campaign: str = "demo", store: str = "store", mlruns: str = "m
                   variant: str = "roofline7+layers", formulas: str = "vllm", n_boot: int = 100,
                   targeting: str = "d-optimal", replay_stop: bool = False) -> dict:
     from rooflab.collect.launchers.factory import close_launcher, make_launcher
-    from rooflab.targeting.menu import StopDecision
+    from rooflab.targeting.stop import StopDecision
 
     camp = load_campaign(campaign)
     st = Store(store)

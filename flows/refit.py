@@ -7,9 +7,9 @@ from pathlib import Path
 
 from prefect import flow
 
-from tracking import campaign_runs as track
-from tasks.analyze import calibrate_from_store
 from rooflab.model.variants import DEFAULT_VARIANT
+from tasks.analyze import calibrate_from_store
+from tracking import campaign_runs as track
 
 
 @flow(name="rooflab-refit", log_prints=True)

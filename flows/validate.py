@@ -11,9 +11,9 @@ from prefect import flow
 from rooflab.collect.spec import load_campaign
 from rooflab.data.store import Store
 from rooflab.data.sweep import SweepPoint
-from tracking import campaign_runs as track
-from tasks.analyze import calibrate_from_store
 from rooflab.model.variants import DEFAULT_VARIANT
+from tasks.analyze import calibrate_from_store
+from tracking import campaign_runs as track
 
 NEW_MODEL_MAPE_LIMIT = 0.10
 
@@ -66,7 +66,7 @@ def replay_verdict(store, calib, run_ids: list[str]) -> dict:
     coefficients and compare TTFT / ITL / E2E with the measured ones (median over runs of the APE of the run's
     mean) against SPEC §12's targets."""
     from rooflab.errors import InputError
-    from rooflab.replay.replay import store_replay_error
+    from rooflab.replay.heldout import store_replay_error
 
     try:
         err = store_replay_error(store, calib, runs=run_ids)
@@ -86,8 +86,8 @@ def new_model_flow(campaign: str, model: str, tp: int, hardware: str | None = No
     current coefficients miss V1 by more than 10% MAPE."""
     from flows.campaign import collect_points
     from flows.refit import refit_flow
-    from rooflab.collect.spec import static99
     from rooflab.collect.launchers.factory import close_launcher, make_launcher
+    from rooflab.collect.spec import static99
 
     result = validate_flow(campaign, model, tp, hardware, store, mlruns, launcher)
     if not result["v1_mape"] > NEW_MODEL_MAPE_LIMIT:

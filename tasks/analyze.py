@@ -8,8 +8,8 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from rooflab.fit.calibration import Calibration, Options, calibrate
 from rooflab.data.store import Store
+from rooflab.fit.calibration import Calibration, Options, calibrate
 from rooflab.model.variants import DEFAULT_VARIANT
 
 
@@ -55,8 +55,8 @@ def pick_next(calib, campaign, collected: set, batch_size: int, budget_left_s: f
 
 @task(name="held-out-replay", cache_policy=NO_CACHE)
 def heldout_replay_error(store_root: str, campaign: str, calib) -> dict:
-    """Request-level error of the current coefficients on the held-out runs (replay, rooflab.replay.replay)."""
-    from rooflab.replay.replay import store_replay_error
+    """Request-level error of the current coefficients on the held-out runs (replay, rooflab.replay.predict)."""
+    from rooflab.replay.heldout import store_replay_error
 
     out = store_replay_error(store_root, calib, campaign=campaign, split="validation")
     return {k: v for k, v in out.items() if k != "runs"}
@@ -67,7 +67,7 @@ def decide_stop(calib, campaign, *, gpu_seconds_spent: float, budget_gpu_seconds
                 iterations_done: int, max_iterations: int | None, replay: dict | None = None):
     """SPEC §9's stop rule; β's the campaign cannot identify at all (β4 without an MoE model, β5 without
     TP > 1) are not required, so such a campaign can still converge."""
-    from rooflab.targeting.menu import identifiable_betas, stop_rule
+    from rooflab.targeting.stop import identifiable_betas, stop_rule
 
     return stop_rule(calib, gpu_seconds_spent=gpu_seconds_spent, budget_gpu_seconds=budget_gpu_seconds,
                      iteration=iterations_done, max_iterations=max_iterations,

@@ -11,10 +11,10 @@ import time
 import pytest
 import yaml
 
-from rooflab.collect.spec import load_campaign
 from rooflab.collect.collector import collect
 from rooflab.collect.launchers.endpoints import CommandEndpoint, twin_command
 from rooflab.collect.launchers.factory import close_launcher, make_launcher
+from rooflab.collect.spec import load_campaign
 from rooflab.data.store import Store
 from rooflab.twin.tokenizer import ensure_tokenizer
 

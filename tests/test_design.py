@@ -8,14 +8,20 @@ import numpy as np
 import pytest
 import yaml
 
-from rooflab.collect.spec import load_campaign
-from rooflab.fit.calibration import Options, calibrate
-from rooflab.targeting.doptimal import (HOTSPOT_BOOST, START_BETA, Prediction, choose_next_doptimal, data_information, gain,
-                            greedy, predict_point, prior_precision)
 from rooflab.collect.collector import run_one
 from rooflab.collect.launchers.direct import DirectLauncher
+from rooflab.collect.spec import load_campaign
 from rooflab.data.store import Store
 from rooflab.data.sweep import run_id
+from rooflab.fit.calibration import Options, calibrate
+from rooflab.targeting.doptimal import HOTSPOT_BOOST, choose_next_doptimal, greedy
+from rooflab.targeting.information import (
+    START_BETA,
+    data_information,
+    gain,
+    prior_precision,
+)
+from rooflab.targeting.prediction import Prediction, predict_point
 
 OPTS = Options(variant="roofline7+layers", n_boot=50)
 
@@ -94,8 +100,8 @@ def test_flagged_betas_and_hotspots_get_priority():
 
 def test_data_information_is_the_capped_per_run_information_of_the_fitted_steps():
     """From the fit's per-run Gram matrices: Σ_runs mean(z zᵀ) × min(steps, 100) / σ² with z = x / y."""
-    from rooflab.model.features import featurize
     from rooflab.data.synthetic import synthetic_steps, with_step_times
+    from rooflab.model.features import featurize
     from rooflab.model.variants import get_variant
 
     steps = with_step_times(synthetic_steps(n_runs=6, steps_per_run=150))
@@ -226,7 +232,7 @@ def test_campaign_flow_logs_doptimal_picks(tmp_path):
 def test_stop_rule_can_require_held_out_replay_error(tmp_path):
     """The optional replay criterion (issue 7 → the stop rule): held-out runs of the store replayed with the
     current coefficients, judged against SPEC §12's request-level targets."""
-    from rooflab.targeting.menu import stop_rule
+    from rooflab.targeting.stop import stop_rule
     from tasks.analyze import heldout_replay_error
 
     c = load_campaign("smoke")

@@ -5,8 +5,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rooflab.fit.request_level import E2EOptions, calibrate_e2e, fit_stacked, objective, prior_coefficients, stacked_design
-from rooflab.replay.replay import Coefficients, FittedStepTimer, Trace, arch_and_hardware, compare, replay
+from rooflab.data.traces import Trace
+from rooflab.fit.request_level import (
+    E2EOptions,
+    calibrate_e2e,
+    fit_stacked,
+    objective,
+    prior_coefficients,
+    stacked_design,
+)
+from rooflab.model.coefficients import Coefficients
+from rooflab.model.step_timer import FittedStepTimer, arch_and_hardware
+from rooflab.replay.metrics import compare
+from rooflab.replay.predict import replay
 
 TRUE = Coefficients({"beta1": 1.2, "beta2": 1.5, "beta3": 1.1, "beta4": 1.0, "beta5": 1.0, "beta6": 25.0,
                      "beta7": 400.0, "beta_layer": 15.0}, (14000.0, 900.0, 30.0), "roofline7+layers", source="truth")

@@ -4,10 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from rooflab.data.tables import aggregate_entries
 from rooflab.model.arch import load_model
 from rooflab.model.features import Setting, compute_features, featurize
 from rooflab.model.hardware import load_hardware
-from rooflab.data.tables import aggregate_entries
 
 H100 = load_hardware("H100-SXM")
 EMPTY = dict(prefill_reqs=[0], prefill_tokens=[0], prefill_context=[0], decode_reqs=[0], decode_context=[0])

@@ -1,14 +1,18 @@
 """FORMULAS.md §8 worked examples (H100 SXM), both formula sets, to 0.5%."""
 
+import dataclasses
 import json
 from pathlib import Path
-
-import dataclasses
 
 import pytest
 
 from rooflab.model.arch import load_model
-from rooflab.model.features import Setting, compute_features, static_weight_bytes, expert_weight_bytes
+from rooflab.model.features import (
+    Setting,
+    compute_features,
+    expert_weight_bytes,
+    static_weight_bytes,
+)
 from rooflab.model.hardware import load_hardware
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "docs" / "formulas_worked_examples.json"

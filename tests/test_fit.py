@@ -4,11 +4,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from rooflab.data.synthetic import TRUE_BETA, synthetic_steps, with_step_times
+from rooflab.fit.beta import fit_alpha, fit_beta
 from rooflab.fit.calibration import Options, calibrate
 from rooflab.model.features import featurize
-from rooflab.fit.beta import fit_alpha, fit_beta
 from rooflab.model.variants import get_variant
-from rooflab.data.synthetic import TRUE_BETA, synthetic_steps, with_step_times
 
 
 @pytest.fixture(scope="module")

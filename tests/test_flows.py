@@ -136,7 +136,12 @@ def test_data_arrived_event_triggers_a_refit_run(tmp_path):
 def test_validate_and_new_model_flows(tmp_path):
     """V1 on a model the campaign never trained on: the flow collects the V1 points (held out), reports
     the current coefficients' step-time MAPE on them; the new-model flow sweeps only when V1 misses > 10%."""
-    from flows.validate import NEW_MODEL_MAPE_LIMIT, new_model_flow, v1_points, validate_flow
+    from flows.validate import (
+        NEW_MODEL_MAPE_LIMIT,
+        new_model_flow,
+        v1_points,
+        validate_flow,
+    )
     from rooflab.collect.spec import load_campaign
 
     store, mlruns = str(tmp_path / "store"), str(tmp_path / "mlruns")

@@ -5,13 +5,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rooflab.fit.calibration import Options, calibrate
-from rooflab.model.features import featurize
+from rooflab.data.synthetic import synthetic_steps, with_step_times
 from rooflab.fit.beta import fit_beta
+from rooflab.fit.calibration import Options, calibrate
 from rooflab.fit.health import FAIL, PASS, check_health, overall
 from rooflab.fit.residuals import HOTSPOT_MAPE, bucket_table
+from rooflab.model.features import featurize
 from rooflab.model.variants import get_variant
-from rooflab.data.synthetic import synthetic_steps, with_step_times
 
 
 def _status(checks, check, target):

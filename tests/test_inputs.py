@@ -8,10 +8,16 @@ import pandas as pd
 import pytest
 import yaml
 
-from rooflab.model.arch import CONFIGS_DIR, ModelArch, list_models, load_model, parse_config
-from rooflab.errors import InputError
-from rooflab.model.hardware import Hardware, list_hardware, load_hardware
 from rooflab.data.tables import aggregate_entries, validate_steps
+from rooflab.errors import InputError
+from rooflab.model.arch import (
+    CONFIGS_DIR,
+    ModelArch,
+    list_models,
+    load_model,
+    parse_config,
+)
+from rooflab.model.hardware import Hardware, list_hardware, load_hardware
 
 
 def _one_line_error(exc_info, *needles):

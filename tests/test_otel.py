@@ -18,13 +18,26 @@ import numpy as np
 import pytest
 
 from rooflab.data.adapters.otel import (
-    JourneyEvent, journeys_from_request_events, read_otel_traces, reconstruct_steps, tables_from_records,
+    JourneyEvent,
+    journeys_from_request_events,
+    read_otel_traces,
+    reconstruct_steps,
+    tables_from_records,
 )
 from rooflab.errors import InputError
 from rooflab.twin.otel import TraceWriter
 from rooflab.twin.records import (
-    ABORTED, ARRIVED, DEPARTED, FINISHED, FIRST_TOKEN, PREEMPTED, QUEUED, SCHEDULED,
-    RequestEvent, StepEntry, StepRecord,
+    ABORTED,
+    ARRIVED,
+    DEPARTED,
+    FINISHED,
+    FIRST_TOKEN,
+    PREEMPTED,
+    QUEUED,
+    SCHEDULED,
+    RequestEvent,
+    StepEntry,
+    StepRecord,
 )
 
 META = dict(run_id="r1", model="llama-2-7b", tp=1, hardware="H100-SXM")

@@ -8,9 +8,9 @@ import pytest
 
 from rooflab.data.adapters import read_steps
 from rooflab.data.adapters.step_records import step_records_to_steps
+from rooflab.errors import InputError
 from rooflab.fit.calibration import Options
 from rooflab.fit.crossval import leave_one_model_out, leave_one_run_out
-from rooflab.errors import InputError
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "steps" / "h100_step_records.parquet"
 needs_real = pytest.mark.skipif(not REAL.exists(), reason="../shared/data/real not beside the project")

@@ -8,18 +8,24 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rooflab.model.arch import load_model
+from rooflab.data.traces import Trace, read_inference_perf, read_trace
 from rooflab.errors import InputError
+from rooflab.model.arch import load_model
+from rooflab.model.coefficients import (
+    Coefficients,
+    blis_coefficients,
+    load_coefficients,
+)
+from rooflab.model.engine_config import EngineConfig
 from rooflab.model.features import Setting, compute_features
 from rooflab.model.hardware import load_hardware
-from rooflab.replay.replay import (Coefficients, FittedStepTimer, RecordedOverheads, RecordedStepTimer, Trace,
-                            blis_coefficients, compare, grade, load_coefficients, read_inference_perf, read_trace,
-                            replay)
-from rooflab.twin.engine import Engine, Request
-from rooflab.model.engine_config import EngineConfig
-from rooflab.twin.simulate import simulate
-from rooflab.twin.truth import TruthModel
+from rooflab.model.step_timer import FittedStepTimer, RecordedStepTimer
 from rooflab.model.variants import get_variant
+from rooflab.replay.metrics import compare, grade
+from rooflab.replay.predict import replay
+from rooflab.twin.engine import Engine, Request
+from rooflab.twin.simulate import RecordedOverheads, simulate
+from rooflab.twin.truth import TruthModel
 
 H100 = load_hardware("H100-SXM")
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
@@ -270,7 +276,7 @@ def test_real_run_window_replay_with_blis_coefficients():
 
 def test_store_replay_error_for_the_stop_rule(tmp_path):
     """Held-out replay error from data store request tables (what the campaign's stop rule can call)."""
-    from rooflab.replay.replay import store_replay_error
+    from rooflab.replay.heldout import store_replay_error
 
     w, sim, config = _twin_trace(n=100)
     run = tmp_path / "runs" / "v1-abc"

@@ -11,10 +11,18 @@ import pandas as pd
 import pytest
 
 from rooflab.data.adapters.real_requests import RealRun, list_real_runs, read_real_run
-from rooflab.errors import InputError
-from rooflab.data.saturation import (StepRouting, check_e2e_tail, check_failure_rate, check_preemption_rate,
-                                check_queue_growth, check_ttft_growth, route_run, routing_counts)
+from rooflab.data.saturation import (
+    StepRouting,
+    check_e2e_tail,
+    check_failure_rate,
+    check_preemption_rate,
+    check_queue_growth,
+    check_ttft_growth,
+    route_run,
+    routing_counts,
+)
 from rooflab.data.tables import REQUEST_COLUMNS
+from rooflab.errors import InputError
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 needs_real = pytest.mark.skipif(not (REAL / "requests").is_dir(), reason="../shared/data/real not beside the project")

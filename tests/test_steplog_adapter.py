@@ -12,11 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rooflab.data.adapters.steplog import (base_request_id, client_requests, match_client_requests, read_steplog,
-                                      response_request_id)
-from rooflab.collect.spec import parse_campaign
-from rooflab.errors import InputError
 from rooflab.collect.launchers.endpoints import vllm_command
+from rooflab.collect.spec import parse_campaign
+from rooflab.data.adapters.inference_perf import response_request_id
+from rooflab.data.adapters.steplog import (
+    base_request_id,
+    client_requests,
+    match_client_requests,
+    read_steplog,
+)
+from rooflab.errors import InputError
 
 PLUGIN = Path(__file__).resolve().parent.parent / "plugins" / "vllm_steplog"
 MS = 1_000_000  # ns

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 
 from rooflab.collect.collector import collect
-from rooflab.errors import InputError
 from rooflab.collect.launchers import RunResult
 from rooflab.data.store import Store
 from rooflab.data.sweep import SweepPoint, run_id
+from rooflab.errors import InputError
 
 
 def point(rate=8, model="llama-3.1-8b", tp=1, family="W3", split="train"):

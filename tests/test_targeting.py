@@ -9,19 +9,21 @@ import pandas as pd
 import pytest
 import yaml
 
-from rooflab.model.arch import load_model
-from rooflab.fit.calibration import Options, calibrate
 from rooflab.collect.spec import CAMPAIGNS_DIR, load_campaign, parse_campaign, static99
-from rooflab.model.hardware import load_hardware
-from rooflab.data.synthetic import synthetic_steps, with_step_times
+from rooflab.collect.workloads import point_requests
 from rooflab.data.sweep import run_id
+from rooflab.data.synthetic import synthetic_steps, with_step_times
 from rooflab.data.tables import phase_mix
-from rooflab.targeting.menu import (Pick, StopDecision, choose_next, find_needs, identifiable_betas, stop_rule)
-from rooflab.twin.engine import Engine
+from rooflab.fit.calibration import Options, calibrate
+from rooflab.model.arch import load_model
 from rooflab.model.engine_config import EngineConfig
+from rooflab.model.hardware import load_hardware
+from rooflab.targeting.candidates import Pick
+from rooflab.targeting.menu import choose_next, find_needs
+from rooflab.targeting.stop import StopDecision, identifiable_betas, stop_rule
+from rooflab.twin.engine import Engine
 from rooflab.twin.simulate import simulate
 from rooflab.twin.truth import TruthModel
-from rooflab.collect.workloads import point_requests
 
 OPTS = Options(variant="roofline7", n_boot=50)
 
@@ -341,8 +343,8 @@ def test_held_out_mape_counts_only_once_every_held_out_model_has_data(good_val):
 
 def test_identifiability_uses_whole_run_samples_against_the_physical_prior(good_val):
     """data_prior_ratio: conditional data precision × Σ min(steps, 100) / σ² × 0.5² — more runs, more ratio."""
-    from rooflab.targeting.doptimal import PRIOR_SD, STEPS_PER_RUN, sigma_of
-    from rooflab.targeting.menu import data_prior_ratio
+    from rooflab.targeting.information import PRIOR_SD, STEPS_PER_RUN, sigma_of
+    from rooflab.targeting.stop import data_prior_ratio
 
     fit = good_val.beta
     j = fit.names.index("beta1")

@@ -11,11 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # tasks/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
-from rooflab.model import export  # noqa: E402
-from rooflab.fit.calibration import Options, calibrate  # noqa: E402
 from cli.main import main  # noqa: E402
-from rooflab.errors import InputError  # noqa: E402
 from rooflab.data.synthetic import synthetic_steps, with_step_times  # noqa: E402
+from rooflab.errors import InputError  # noqa: E402
+from rooflab.fit.calibration import Options, calibrate  # noqa: E402
+from rooflab.model import export  # noqa: E402
 from tracking import campaign_runs as track  # noqa: E402
 
 BLIS_DEFAULTS = ROOT.parent / "shared" / "data/real/blis/defaults.yaml"

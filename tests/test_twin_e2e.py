@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rooflab.data.adapters.otel import read_otel_traces
 from rooflab.collect.launchers.endpoints import free_port, wait_healthy
+from rooflab.data.adapters.otel import read_otel_traces
 from rooflab.twin.tokenizer import ensure_tokenizer
 
 pytestmark = pytest.mark.slow

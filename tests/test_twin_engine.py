@@ -6,11 +6,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from rooflab.model.arch import load_model
 from rooflab.errors import InputError
+from rooflab.model.arch import load_model
+from rooflab.model.engine_config import EngineConfig, kv_capacity_blocks
 from rooflab.model.hardware import load_hardware
 from rooflab.twin.engine import Engine, Request
-from rooflab.model.engine_config import EngineConfig, kv_capacity_blocks
 from rooflab.twin.simulate import constant_rate_workload, simulate
 
 ARCH = load_model("llama-3.1-8b")
@@ -155,11 +155,11 @@ def test_kv_capacity_matches_the_real_h100_runs():
 
 def test_alpha_overheads_shape_the_request_timeline():
     class Over:
-        def api_overhead_us(self):
+        def api_us(self, req):
             return 15000.0
 
-        def post_decode_overhead_us(self, n):
-            return 800 + 45 * n
+        def post_us(self, req):
+            return 800 + 45 * req.output_tokens
 
     e, r = run(EngineConfig(), constant_rate_workload(5, 10, 100, 20, seed=0), overheads=Over())
     q = r.requests

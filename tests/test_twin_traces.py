@@ -5,11 +5,11 @@ import numpy as np
 import pandas as pd
 
 from rooflab.data.adapters.otel import read_otel_traces
-from rooflab.model.arch import load_model
-from rooflab.model.hardware import load_hardware
 from rooflab.data.saturation import route_steps
-from rooflab.twin.engine import Engine, Request
+from rooflab.model.arch import load_model
 from rooflab.model.engine_config import EngineConfig
+from rooflab.model.hardware import load_hardware
+from rooflab.twin.engine import Engine, Request
 from rooflab.twin.otel import TraceWriter
 from rooflab.twin.simulate import constant_rate_workload, simulate
 from rooflab.twin.truth import TruthModel

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from rooflab.model.arch import CONFIGS_DIR, load_model
 from rooflab.errors import InputError
+from rooflab.model.arch import CONFIGS_DIR, load_model
 from rooflab.model.hardware import load_hardware
 from rooflab.twin import calibrate
 from rooflab.twin.truth import SCHEMA, TruthModel, load_twin_config
@@ -271,8 +271,8 @@ def _synthetic_steps(model: str, tp: int, n: int = 500, seed: int = 1) -> pd.Dat
 
 @pytest.mark.parametrize("model,tp", [("llama-3.1-8b", 1), ("mixtral-8x7b", 2)])
 def test_truth_is_not_the_seven_feature_model(model, tp):
-    from rooflab.model.features import featurize
     from rooflab.fit.beta import fit_beta
+    from rooflab.model.features import featurize
     from rooflab.model.variants import get_variant
 
     steps = _synthetic_steps(model, tp)

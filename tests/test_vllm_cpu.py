@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rooflab.data.adapters.steplog import read_steplog
-from rooflab.collect.spec import load_campaign
+from rooflab.collect import vllm_cpu
 from rooflab.collect.collector import collect
 from rooflab.collect.launchers.factory import close_launcher, make_launcher
+from rooflab.collect.spec import load_campaign
+from rooflab.data.adapters.steplog import read_steplog
 from rooflab.data.store import Store
-from rooflab.collect import vllm_cpu
 
 pytestmark = pytest.mark.slow
 

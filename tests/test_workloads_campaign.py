@@ -9,10 +9,23 @@ import pytest
 import yaml
 
 from rooflab.collect import workloads as W
-from rooflab.collect.spec import CAMPAIGNS_DIR, gpu_seconds, load_campaign, static99, validate_cron
-from rooflab.errors import InputError
+from rooflab.collect.spec import (
+    CAMPAIGNS_DIR,
+    gpu_seconds,
+    load_campaign,
+    static99,
+    validate_cron,
+)
+from rooflab.collect.workloads import (
+    FAMILIES,
+    make_params,
+    point_requests,
+    render_config,
+    validate_config,
+    write_config,
+)
 from rooflab.data.sweep import SweepPoint, run_id
-from rooflab.collect.workloads import FAMILIES, make_params, point_requests, render_config, validate_config, write_config
+from rooflab.errors import InputError
 
 DEFAULT = CAMPAIGNS_DIR / "default.yaml"
 

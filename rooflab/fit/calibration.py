@@ -9,14 +9,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rooflab.model.features import featurize
+from rooflab.data.saturation import route_steps
 from rooflab.fit.beta import AlphaFit, BetaFit, fit_alpha, fit_beta
 from rooflab.fit.health import Check, check_health, overall
-from rooflab.fit.residuals import bucket_table, plot_residuals, run_influence, specification_tests, summary
-from rooflab.data.saturation import route_steps
-from rooflab.model.variants import get_variant
-from rooflab.model.variants import DEFAULT_VARIANT
-from rooflab.model.features import DEFAULT_FORMULAS
+from rooflab.fit.residuals import (
+    bucket_table,
+    plot_residuals,
+    run_influence,
+    specification_tests,
+    summary,
+)
+from rooflab.model.features import DEFAULT_FORMULAS, featurize
+from rooflab.model.variants import DEFAULT_VARIANT, get_variant
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from rooflab.fit.calibration import Options
-from rooflab.model.features import featurize
-from rooflab.fit.beta import fit_beta
-from rooflab.fit.residuals import summary
 from rooflab.data.saturation import route_steps
+from rooflab.fit.beta import fit_beta
+from rooflab.fit.calibration import Options
+from rooflab.fit.residuals import summary
+from rooflab.model.features import featurize
 from rooflab.model.variants import get_variant
 
 

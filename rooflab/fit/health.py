@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
 from rooflab.fit.beta import BetaFit
 
 PASS, WARN, FAIL, NA = "pass", "warn", "fail", "n/a"

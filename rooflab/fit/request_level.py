@@ -3,7 +3,7 @@ inference-perf measures them), by minimising the replay error of training runs.
 
 Most users have no step records, only per-request latencies. Their latencies are produced by the
 scheduler running the step-time model, so the calibration replays the training runs
-(:func:`rooflab.replay.replay.replay`) and adjusts the coefficients until the predicted TTFT and E2E match.
+(:func:`rooflab.replay.predict.replay`) and adjusts the coefficients until the predicted TTFT and E2E match.
 
 Two loops:
 
@@ -34,11 +34,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import lsq_linear, minimize
 
+from rooflab.data.traces import Trace
 from rooflab.errors import InputError
-from rooflab.replay.replay import Coefficients, Trace, compare, replay
-from rooflab.model.variants import get_variant
-from rooflab.model.variants import DEFAULT_VARIANT
+from rooflab.model.coefficients import Coefficients
 from rooflab.model.features import DEFAULT_FORMULAS
+from rooflab.model.variants import DEFAULT_VARIANT, get_variant
+from rooflab.replay.metrics import compare
+from rooflab.replay.predict import replay
 
 PHYSICAL = (0.3, 5.0)  # SPEC §1: β1–β5 are efficiency corrections, physically ~0.3 … ~5
 # α upper bounds (µs, µs, µs/token): an API overhead under 1 s; a post-decode overhead under 20 ms; detokenising
@@ -105,7 +107,7 @@ def stacked_design(trace: Trace, result, variant, formulas: str = "vllm") -> dic
     steps spanning its TTFT and its E2E in ``result`` (a replay with ``record=True``), so that with these
     batch compositions ``TTFT = α0 + Xt·β`` and ``E2E = α0 + Xe·β + α1 + α2·n_out``."""
     from rooflab.model.features import Setting, compute_features
-    from rooflab.replay.replay import arch_and_hardware
+    from rooflab.model.step_timer import arch_and_hardware
 
     variant = get_variant(variant)
     st = result.steps

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rooflab.fit.beta import BetaFit
 from rooflab.data.tables import phase_mix
+from rooflab.fit.beta import BetaFit
 
 HOTSPOT_MAPE = 0.15
 MIN_BUCKET_STEPS = 20

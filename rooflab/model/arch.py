@@ -9,14 +9,12 @@ the field, never silently approximated.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from rooflab.errors import InputError
 from rooflab.paths import CONFIGS_DIR
-
 
 # Fields naming the routed-expert count, in BLIS's resolution order (FORMULAS.md §3).
 _EXPERT_COUNT_FIELDS = ("num_experts", "moe_num_experts", "n_routed_experts", "num_local_experts")

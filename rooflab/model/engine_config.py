@@ -11,7 +11,12 @@ from dataclasses import dataclass
 
 from rooflab.errors import InputError
 from rooflab.model.arch import ModelArch
-from rooflab.model.features import Setting, expert_weight_bytes, kv_bytes_per_token_layer, static_weight_bytes
+from rooflab.model.features import (
+    Setting,
+    expert_weight_bytes,
+    kv_bytes_per_token_layer,
+    static_weight_bytes,
+)
 from rooflab.model.hardware import Hardware
 
 GIB = 2**30

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from rooflab.model.arch import ModelArch
 from rooflab.errors import InputError
+from rooflab.model.arch import ModelArch
 from rooflab.model.hardware import Hardware
 
 FORMULAS = ("vllm", "design")

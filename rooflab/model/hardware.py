@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-
-from rooflab.paths import CONFIGS_DIR
 from rooflab.errors import InputError
 from rooflab.files import read_yaml
+from rooflab.paths import CONFIGS_DIR
 
 _FIELDS = ("peak_tflops_bf16", "peak_tflops_fp8", "hbm_tb_s", "nvlink_gb_s_per_direction", "memory_gb")
 _OPTIONAL = {"link_latency_us": 0.0}  # per-hop latency of the GPU interconnect (α of the α-β model); 0 = unknown

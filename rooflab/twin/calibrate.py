@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rooflab.model.arch import load_model
 from rooflab.errors import InputError
-from rooflab.paths import REAL_DATA_DIR
+from rooflab.model.arch import load_model
 from rooflab.model.hardware import load_hardware
+from rooflab.paths import REAL_DATA_DIR
 from rooflab.twin.truth import TruthModel, load_twin_config, twin_configs_dir
 
 DEFAULT_STEPS = REAL_DATA_DIR / "steps" / "h100_step_records.parquet"

@@ -26,12 +26,11 @@ from typing import Protocol
 
 import numpy as np
 
-from rooflab.model.arch import ModelArch
 from rooflab.errors import InputError
+from rooflab.model.arch import ModelArch
 from rooflab.model.engine_config import EngineConfig, kv_capacity_blocks
 from rooflab.model.hardware import Hardware
 from rooflab.twin import records as R
-
 
 
 class StepTimer(Protocol):

@@ -78,8 +78,16 @@ import time
 from pathlib import Path
 
 from rooflab.twin.records import (
-    ABORTED, ARRIVED, DEPARTED, FINISHED, FIRST_TOKEN, PREEMPTED, QUEUED, SCHEDULED,
-    RequestEvent, StepRecord,
+    ABORTED,
+    ARRIVED,
+    DEPARTED,
+    FINISHED,
+    FIRST_TOKEN,
+    PREEMPTED,
+    QUEUED,
+    SCHEDULED,
+    RequestEvent,
+    StepRecord,
 )
 
 SCOPE_API, SCOPE_CORE, SCOPE_STEP = "vllm.api", "vllm.scheduler", "vllm.scheduler.step"

@@ -24,9 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 
 from rooflab.errors import InputError
 from rooflab.twin import records as R
@@ -142,7 +148,7 @@ class TwinServer:
             for req in out.finished:
                 live = self.live.get(req.request_id)
                 if live is not None:
-                    req.departed_us = req.finished_us + self.overheads.post_decode_overhead_us(req.output_tokens)
+                    req.departed_us = req.finished_us + self.overheads.post_us(req)
                     live.queue.put_nowait(("done", req.status))
 
     # requests --------------------------------------------------------------------------------
@@ -155,7 +161,7 @@ class TwinServer:
         live.events.append(R.RequestEvent(request_id, R.ARRIVED, int(arrival * 1000), num_prompt_tokens=prompt_tokens,
                                           max_tokens=max_tokens))
         self.live[request_id] = live
-        heapq.heappush(self.pending, (arrival + self.overheads.api_overhead_us(), next(self.seq), live))
+        heapq.heappush(self.pending, (arrival + self.overheads.api_us(req), next(self.seq), live))
         self.counters["prompt_tokens"] += prompt_tokens
         self.wake.set()
         return live
@@ -397,8 +403,8 @@ def build_server(model: str, hardware: str, tp: int, *, accel: float = 1.0, trac
                  tokenizer_path: str | Path | None = None) -> TwinServer:
     """A twin server for (model, TP, hardware) with the hidden truth model as its step timer."""
     from rooflab.model.arch import load_model
-    from rooflab.model.hardware import load_hardware
     from rooflab.model.engine_config import EngineConfig
+    from rooflab.model.hardware import load_hardware
     from rooflab.twin.tokenizer import get_tokenizer
     from rooflab.twin.truth import TruthModel
 

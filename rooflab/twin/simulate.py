@@ -1,89 +1,138 @@
-"""Fast mode: a discrete-event run of a workload through the twin engine — no HTTP, no sleeping.
+"""Fast mode: the one discrete-event loop that runs requests through a twin engine — no HTTP, no sleeping.
+
+Every consumer runs this loop: the direct launcher and the benchmarks (the engine with the hidden truth model
+as its step timer), targeting's candidate predictions and replay (the engine with a fitted step model).
 
 Arrivals reach the engine after the API overhead (α0); every step advances the clock by its step time;
-finished requests depart after the post-decode overhead (α1 + α2·n_out). The result holds the step and
-request tables (rooflab schemas) and, when a trace writer is given, the instrumented-vLLM traces.
+finished requests depart after the post-decode overhead (α1 + α2·n_out). Optional: client timeouts (a request
+still unfinished ``timeout_us`` after its arrival is aborted, as vLLM aborts a disconnected request), an OTEL
+trace writer, a step cap. :func:`simulate` returns the step and request tables (rooflab schemas);
+:func:`run_requests` the raw loop result for callers that build their own tables (replay).
 """
 
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import pandas as pd
 
-from rooflab.errors import InputError
 from rooflab.data.tables import validate_requests, validate_steps
+from rooflab.errors import InputError
 from rooflab.twin import records as R
 from rooflab.twin.engine import Engine, Request
 
-_AGG = ("prefill_reqs", "prefill_tokens", "prefill_context", "prefill_attn_pairs", "prefill_logits",
-        "decode_reqs", "decode_context", "kv_usage", "preemptions", "running", "waiting")
+AGGREGATES = ("prefill_reqs", "prefill_tokens", "prefill_context", "prefill_attn_pairs", "prefill_logits",
+              "decode_reqs", "decode_context", "kv_usage", "preemptions", "running", "waiting")
 
 
 class RequestOverheads(Protocol):
-    def api_overhead_us(self) -> float: ...
+    """What a request costs outside the engine's steps (the α terms). Owned here, by the loop that calls it:
+    ``api_us`` — arrival to queue entry; ``post_us`` — last token to departure."""
 
-    def post_decode_overhead_us(self, n_out: int) -> float: ...
+    def api_us(self, req: Request) -> float: ...
+
+    def post_us(self, req: Request) -> float: ...
+
+
+class TraceSink(Protocol):
+    """Where per-step records and per-request event lists go (``rooflab.twin.otel.TraceWriter``)."""
+
+    def write_step(self, record: R.StepRecord) -> None: ...
+
+    def write_request(self, events: list[R.RequestEvent]) -> None: ...
 
 
 class NoOverheads:
-    def api_overhead_us(self) -> float:
+    def api_us(self, req: Request) -> float:
         return 0.0
 
-    def post_decode_overhead_us(self, n_out: int) -> float:
+    def post_us(self, req: Request) -> float:
         return 0.0
+
+
+class ConstantOverheads:
+    """α0 before the queue, α1 + α2·n_out after the last token: a fitted α."""
+
+    def __init__(self, alpha: tuple[float, float, float] | list[float]):
+        self.a0, self.a1, self.a2 = map(float, alpha)
+
+    def api_us(self, req: Request) -> float:
+        return self.a0
+
+    def post_us(self, req: Request) -> float:
+        return self.a1 + self.a2 * req.output_tokens
+
+
+class RecordedOverheads:
+    """Per-request overheads by request id (replaying a run with the overheads it had)."""
+
+    def __init__(self, api: dict[str, float], post: dict[str, float]):
+        self.api, self.post = api, post
+
+    def api_us(self, req: Request) -> float:
+        return float(self.api[req.request_id])
+
+    def post_us(self, req: Request) -> float:
+        return float(self.post[req.request_id])
 
 
 @dataclass
-class SimResult:
-    steps: pd.DataFrame
-    requests: pd.DataFrame
-    sim_time_us: float
+class LoopResult:
     n_steps: int
+    end_us: float
+    step_ids: list[int] = field(default_factory=list)
+    starts_us: list[float] = field(default_factory=list)
+    durations_us: list[float] = field(default_factory=list)
+    aggregates: list[tuple] = field(default_factory=list)
+    max_waiting: int = 0
+    aborted: int = 0
+    rejected: int = 0
+
+    def step_arrays(self) -> dict[str, np.ndarray]:
+        a = np.array(self.aggregates, dtype=np.float64).reshape(-1, len(AGGREGATES))
+        return {"t_start_us": np.array(self.starts_us, dtype=np.float64),
+                "step_time_us": np.array(self.durations_us, dtype=np.float64),
+                **{c: a[:, i] for i, c in enumerate(AGGREGATES)}}
 
 
-def requests_from_frame(df: pd.DataFrame) -> list[Request]:
-    """Workload rows (arrival_us, prompt_tokens, max_tokens[, request_id, ignore_eos, natural_len,
-    prefix_group, prefix_tokens]) → engine requests."""
-    out = []
-    cols = set(df.columns)
-    for i, row in enumerate(df.itertuples(index=False)):
-        d = row._asdict()
-        out.append(Request(str(d.get("request_id", i)) if "request_id" in cols else str(i), float(d["arrival_us"]),
-                           int(d["prompt_tokens"]), int(d["max_tokens"]), bool(d.get("ignore_eos", True)),
-                           int(d["natural_len"]) if "natural_len" in cols and not pd.isna(d["natural_len"]) else None,
-                           d.get("prefix_group") if "prefix_group" in cols else None, int(d.get("prefix_tokens", 0) or 0)))
-    return out
-
-
-def simulate(engine: Engine, requests: list[Request], *, overheads: RequestOverheads | None = None,
-             trace=None, run_id: str = "sim", model: str | None = None, hardware: str | None = None,
-             max_steps: int | None = None) -> SimResult:
-    """Run ``requests`` to completion (or ``max_steps``). ``trace``: an object with ``write_step(record)``
-    and ``write_request(events)`` (``rooflab.twin.otel.TraceWriter``); enables per-step records."""
-    overheads = overheads or NoOverheads()
+def run_requests(engine: Engine, requests: list[Request], *, overheads: RequestOverheads | None = None,
+                 trace: TraceSink | None = None, timeout_us: float | None = None, record: bool = True,
+                 max_steps: int | None = None) -> LoopResult:
+    """Run ``requests`` to completion (or ``max_steps``). ``record``: keep every step's start, duration and
+    aggregates (steps with a forward pass). ``trace`` turns on the engine's per-step records."""
+    ovh: RequestOverheads = overheads or NoOverheads()
     engine.record_steps = trace is not None
-    heap = []
+    heap: list[tuple[float, int, Request]] = []
     for seq, req in enumerate(requests):
-        heapq.heappush(heap, (req.arrival_us + overheads.api_overhead_us(), seq, req))
-    pending_events: dict[str, list] = {}
+        heapq.heappush(heap, (req.arrival_us + ovh.api_us(req), seq, req))
+    pending: dict[str, list[R.RequestEvent]] = {}
     if trace is not None:
         for r in requests:
-            pending_events[r.request_id] = [R.RequestEvent(r.request_id, R.ARRIVED, int(r.arrival_us * 1000),
-                                                           num_prompt_tokens=r.prompt_tokens, max_tokens=r.max_tokens)]
-    t_start, dur, agg, ids = [], [], [], []
+            pending[r.request_id] = [R.RequestEvent(r.request_id, R.ARRIVED, int(r.arrival_us * 1000),
+                                                    num_prompt_tokens=r.prompt_tokens, max_tokens=r.max_tokens)]
+    by_deadline = sorted(requests, key=lambda r: r.arrival_us) if timeout_us is not None else []
+    di = 0
+    res = LoopResult(0, 0.0)
     now = 0.0
-    n_steps = 0
     while True:
         while heap and heap[0][0] <= now:
-            q, _, req = heapq.heappop(heap)
+            queued_at, _, req = heapq.heappop(heap)
             try:
-                engine.add_request(req, q)
+                engine.add_request(req, queued_at)
             except InputError:  # what vLLM answers with HTTP 400: the request fails, the run goes on
                 req.status = "rejected"
+                res.rejected += 1
+        if timeout_us is not None:
+            while di < len(by_deadline) and by_deadline[di].arrival_us + timeout_us <= now:
+                req = by_deadline[di]
+                di += 1
+                if not req.status and not math.isnan(req.queued_us) and engine.abort(req.request_id, now):
+                    res.aborted += 1
+                    req.departed_us = req.arrival_us + timeout_us
         if not engine.has_work:
             if not heap:
                 break
@@ -95,40 +144,59 @@ def simulate(engine: Engine, requests: list[Request], *, overheads: RequestOverh
                 break
             now = heap[0][0]
             continue
-        if out.aggregates is not None and out.duration_us > 0:
-            ids.append(out.step_id)
-            t_start.append(now)
-            dur.append(out.duration_us)
-            agg.append(out.aggregates)
+        if record and out.aggregates is not None and out.duration_us > 0:
+            res.step_ids.append(out.step_id)
+            res.starts_us.append(now)
+            res.durations_us.append(out.duration_us)
+            res.aggregates.append(out.aggregates)
         if trace is not None and out.record is not None:
             trace.write_step(out.record)
+        w = len(engine.waiting)
+        if w > res.max_waiting:
+            res.max_waiting = w
         now += out.duration_us
         for req in out.finished:
-            req.departed_us = req.finished_us + overheads.post_decode_overhead_us(req.output_tokens)
+            if math.isnan(req.departed_us):  # a timed-out request departed when its client gave up
+                req.departed_us = req.finished_us + ovh.post_us(req)
         if trace is not None:
             for ev in engine.drain_events():
-                pending_events[ev.request_id].append(ev)
+                pending[ev.request_id].append(ev)
             for req in out.finished:
-                evs = pending_events.pop(req.request_id)
+                evs = pending.pop(req.request_id)
                 evs.append(R.RequestEvent(req.request_id, R.DEPARTED if req.status != "abort" else R.ABORTED,
                                           int(req.departed_us * 1000), num_prompt_tokens=req.prompt_tokens,
                                           num_output_tokens=req.output_tokens))
                 trace.write_request(evs)
-        n_steps += 1
-        if max_steps is not None and n_steps >= max_steps:
+        res.n_steps += 1
+        if max_steps is not None and res.n_steps >= max_steps:
             break
     if trace is None:
         engine.drain_events()
+    res.end_us = now
+    return res
 
-    a = np.array(agg, dtype=np.float64).reshape(-1, len(_AGG))
-    steps = pd.DataFrame(a, columns=list(_AGG))
+
+@dataclass
+class SimResult:
+    steps: pd.DataFrame
+    requests: pd.DataFrame
+    sim_time_us: float
+    n_steps: int
+
+
+def simulate(engine: Engine, requests: list[Request], *, overheads: RequestOverheads | None = None,
+             trace: TraceSink | None = None, run_id: str = "sim", model: str | None = None,
+             hardware: str | None = None, max_steps: int | None = None) -> SimResult:
+    """Run ``requests`` to completion (or ``max_steps``) and return the step and request tables."""
+    loop = run_requests(engine, requests, overheads=overheads, trace=trace, max_steps=max_steps)
+    steps = pd.DataFrame({c: v for c, v in loop.step_arrays().items() if c in AGGREGATES})
     steps.insert(0, "run_id", run_id)
-    steps.insert(1, "step_id", np.array(ids, np.int64))
+    steps.insert(1, "step_id", np.array(loop.step_ids, np.int64))
     steps["model"] = model or engine.arch.name
     steps["tp"] = engine.tp
     steps["hardware"] = hardware or engine.hardware.name
-    steps["t_start_us"] = np.array(t_start)
-    steps["step_time_us"] = np.array(dur)
+    steps["t_start_us"] = np.array(loop.starts_us)
+    steps["step_time_us"] = np.array(loop.durations_us)
     reqs = pd.DataFrame({
         "run_id": run_id, "request_id": [r.request_id for r in requests],
         "arrived_us": [r.arrival_us for r in requests], "queued_us": [r.queued_us for r in requests],
@@ -137,7 +205,7 @@ def simulate(engine: Engine, requests: list[Request], *, overheads: RequestOverh
         "prompt_tokens": [r.prompt_tokens for r in requests], "output_tokens": [r.output_tokens for r in requests],
         "preemptions": [r.preemptions for r in requests],
         "status": [r.status or "unfinished" for r in requests]})
-    return SimResult(validate_steps(steps, run_id), validate_requests(reqs, run_id), now, n_steps)
+    return SimResult(validate_steps(steps, run_id), validate_requests(reqs, run_id), loop.end_us, loop.n_steps)
 
 
 def constant_rate_workload(rate_per_s: float, n: int, prompt_tokens: int, max_tokens: int, *, seed: int = 0,

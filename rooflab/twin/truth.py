@@ -54,10 +54,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rooflab.paths import CONFIGS_DIR
-from rooflab.model.arch import ModelArch
 from rooflab.errors import InputError
+from rooflab.model.arch import ModelArch
 from rooflab.model.hardware import Hardware, load_hardware
+from rooflab.paths import CONFIGS_DIR
 
 # ---------------------------------------------------------------------------------------------------
 # Configuration schema: section -> field -> kind.
@@ -603,3 +603,10 @@ class TruthModel:
         s = self._alpha["post_sigma"]
         mean = self._alpha["post_fixed_us"] + self._alpha["post_per_token_us"] * max(0, int(n_out))
         return mean * math.exp(s * self._normal() - 0.5 * s * s)
+
+    # the request-overheads protocol of the fast-mode loop (rooflab.twin.simulate.RequestOverheads)
+    def api_us(self, req) -> float:
+        return self.api_overhead_us()
+
+    def post_us(self, req) -> float:
+        return self.post_decode_overhead_us(req.output_tokens)

@@ -8,11 +8,11 @@ departure) × TP.
 
 from __future__ import annotations
 
-from rooflab.model.arch import load_model
-from rooflab.model.hardware import load_hardware
 from rooflab.collect.launchers import RunResult
 from rooflab.data.store import RunDir
 from rooflab.data.sweep import SweepPoint
+from rooflab.model.arch import load_model
+from rooflab.model.hardware import load_hardware
 
 
 class DirectLauncher:
@@ -22,12 +22,12 @@ class DirectLauncher:
         self.traces = traces
 
     def run(self, point: SweepPoint, rd: RunDir) -> RunResult:
-        from rooflab.twin.engine import Engine
+        from rooflab.collect.workloads import point_requests
         from rooflab.model.engine_config import EngineConfig
+        from rooflab.twin.engine import Engine
         from rooflab.twin.otel import TraceWriter
         from rooflab.twin.simulate import simulate
         from rooflab.twin.truth import TruthModel
-        from rooflab.collect.workloads import point_requests
 
         arch, hw = load_model(point.model), load_hardware(point.hardware)
         seed = point.seed

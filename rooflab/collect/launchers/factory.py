@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from rooflab.collect.launchers.direct import DirectLauncher
-from rooflab.collect.launchers.endpoints import CommandEndpoint, EndpointPool, ExternalEndpoint, expand_path, twin_command, vllm_command
+from rooflab.collect.launchers.endpoints import (
+    CommandEndpoint,
+    EndpointPool,
+    ExternalEndpoint,
+    expand_path,
+    twin_command,
+    vllm_command,
+)
 from rooflab.collect.launchers.inference_perf import InferencePerfLauncher
 
 LAUNCHERS = ("inference-perf", "direct")

@@ -77,8 +77,8 @@ class InferencePerfLauncher:
         self.pool, self.timeout_s, self.drain_timeout_s = pool, timeout_s, drain_timeout_s
 
     def run(self, point: SweepPoint, rd: RunDir) -> RunResult:
-        from rooflab.data.adapters.otel import read_otel_traces
         from rooflab.collect.workloads import render_config, write_config
+        from rooflab.data.adapters.otel import read_otel_traces
 
         ep = self.pool.get(point)
         with ep.lock if hasattr(ep, "lock") else _nullcontext():
@@ -152,7 +152,11 @@ def _prepend_engine_lines(ep, mark: int, trace_file: Path) -> None:
 def _steplog_result(trace_file: Path, rd: RunDir, point: SweepPoint, ip: dict, engine: dict, out_dir: Path) -> RunResult:
     """Stock vLLM: tables from the vllm-steplog lines, joined with inference-perf's per-request records
     through the response ``id`` (= ``cmpl-<X-Request-Id or vLLM's id>``) and checked against them."""
-    from rooflab.data.adapters.steplog import client_requests, match_client_requests, read_steplog
+    from rooflab.data.adapters.steplog import (
+        client_requests,
+        match_client_requests,
+        read_steplog,
+    )
 
     tables = read_steplog(trace_file, run_id=rd.run_id, model=point.model, tp=point.tp, hardware=point.hardware)
     req = tables.requests

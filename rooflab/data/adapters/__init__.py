@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from rooflab.errors import InputError
 from rooflab.data.tables import validate_requests, validate_steps
+from rooflab.errors import InputError
 
 
 def _read_frame(path: Path) -> pd.DataFrame:
@@ -25,7 +25,10 @@ def _read_frame(path: Path) -> pd.DataFrame:
 
 def read_steps(path: str | Path, *, hardware: str = "H100-SXM") -> pd.DataFrame:
     """A step table from a file: aggregated step records (auto-detected) or a rooflab step table."""
-    from rooflab.data.adapters.step_records import is_step_records, step_records_to_steps
+    from rooflab.data.adapters.step_records import (
+        is_step_records,
+        step_records_to_steps,
+    )
 
     path = Path(path)
     raw = _read_frame(path)

@@ -59,9 +59,9 @@ import numpy as np
 import pandas as pd
 
 from rooflab.data.adapters.step_records import BLOCK_SIZE
+from rooflab.data.tables import aggregate_entries, validate_requests, validate_steps
 from rooflab.errors import InputError
 from rooflab.files import input_files
-from rooflab.data.tables import aggregate_entries, validate_requests, validate_steps
 
 try:  # orjson ships with the pinned environment (prefect); json is the fallback
     import orjson

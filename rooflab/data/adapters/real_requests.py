@@ -42,10 +42,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from rooflab.model.arch import resolve_model_name
-from rooflab.errors import InputError
-from rooflab.paths import REAL_DATA_DIR
 from rooflab.data.tables import validate_requests
+from rooflab.errors import InputError
+from rooflab.model.arch import resolve_model_name
+from rooflab.paths import REAL_DATA_DIR
 
 DEFAULT_ROOT = Path(os.environ.get("ROOFLAB_REAL_DATA") or REAL_DATA_DIR)
 HARDWARE = "H100-SXM"

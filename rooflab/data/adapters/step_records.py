@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rooflab.model.arch import resolve_model_name
-from rooflab.errors import InputError
 from rooflab.data.tables import validate_steps
+from rooflab.errors import InputError
+from rooflab.model.arch import resolve_model_name
 
 BLOCK_SIZE = 16
 REQUIRED = ("step.id", "step.ts_start_ns", "batch.num_prefill_reqs", "batch.num_decode_reqs",

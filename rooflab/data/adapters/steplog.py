@@ -51,9 +51,10 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from rooflab.data.adapters.inference_perf import read_per_request
+from rooflab.data.tables import aggregate_entries, validate_requests, validate_steps
 from rooflab.errors import InputError
 from rooflab.files import input_files
-from rooflab.data.tables import aggregate_entries, validate_requests, validate_steps
 
 SCHEMA = 1
 KINDS = ("engine", "step", "req", "api")
@@ -79,16 +80,6 @@ def base_request_id(external_id: str | None) -> str | None:
         return None
     m = _EXT.match(str(external_id))
     return m.group(1) if m else str(external_id)
-
-
-def response_request_id(response_id: str | None) -> str | None:
-    """A completion's response ``id`` (``cmpl-<base>``, ``chatcmpl-<base>``) -> ``<base>``."""
-    if not response_id:
-        return None
-    for p in ("chatcmpl-", "cmpl-"):
-        if response_id.startswith(p):
-            return response_id[len(p):]
-    return response_id
 
 
 # ============================================================================================ parsing
@@ -422,39 +413,16 @@ def _requests(lines: list[dict], run_id: str, source: str):
 
 
 # ============================================================================================ client side
-_ID_RE = re.compile(r'"id"\s*:\s*"([^"]+)"')
-
-
 def client_requests(per_request_path: str | Path) -> pd.DataFrame:
     """inference-perf's ``per_request_lifecycle_metrics.json`` -> one row per request: ``request_id`` (from the
     response's ``id``), ``client_start_us``, ``client_first_chunk_us``, ``client_end_us`` (monotonic clock),
-    ``client_output_tokens`` (the response's ``usage.completion_tokens``; NaN without usage), ``client_error``."""
-    path = Path(per_request_path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(path, None, f"cannot read ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})") from None
-    if not isinstance(data, list):
-        raise InputError(path, None, "expected a list of per-request records")
-    rows = []
-    for i, r in enumerate(data):
-        if not isinstance(r, dict) or "start_time" not in r or "end_time" not in r:
-            raise InputError(path, f"[{i}]", "expected a record with start_time and end_time")
-        m = _ID_RE.search(str(r.get("response") or ""))
-        rm = ((r.get("info") or {}).get("response_metrics") or {})
-        chunks = rm.get("chunk_times") or rm.get("output_token_times") or []
-        usage = rm.get("server_usage") or {}
-        rows.append({"request_id": response_request_id(m.group(1)) if m else None,
-                     "client_start_us": float(r["start_time"]) * 1e6,
-                     "client_first_chunk_us": float(chunks[0]) * 1e6 if chunks else np.nan,
-                     "client_end_us": float(r["end_time"]) * 1e6,
-                     # the usage block the server sent (the client's own count re-tokenizes the text, which
-                     # differs for random-weight output that does not round-trip through the tokenizer)
-                     "client_output_tokens": float(usage["completion_tokens"]) if "completion_tokens" in usage
-                     else np.nan,
-                     "client_error": r.get("error") is not None})
-    return pd.DataFrame(rows, columns=["request_id", "client_start_us", "client_first_chunk_us", "client_end_us",
-                                       "client_output_tokens", "client_error"])
+    ``client_output_tokens`` (the server's ``usage.completion_tokens``: the client's own count re-tokenizes the
+    text, which differs for random-weight output that does not round-trip through the tokenizer; NaN without
+    usage), ``client_error``."""
+    r = read_per_request(per_request_path)
+    return pd.DataFrame({"request_id": r["request_id"], "client_start_us": r["start_s"] * 1e6,
+                         "client_first_chunk_us": r["first_chunk_s"] * 1e6, "client_end_us": r["end_s"] * 1e6,
+                         "client_output_tokens": r["server_output_tokens"], "client_error": r["error"]})
 
 
 def match_client_requests(requests: pd.DataFrame, client: pd.DataFrame, tolerance_us: float = 2000.0

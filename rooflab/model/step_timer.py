@@ -1,0 +1,133 @@
+"""Step timers from coefficient sets: the engine's ``StepTimer`` (:class:`rooflab.twin.engine.StepTimer`) computed
+from fitted coefficients instead of the twin's hidden truth (targeting's predictions, replay), and one that
+replays recorded step times."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from rooflab.model.coefficients import Coefficients
+from rooflab.model.features import Setting, compute_features, expert_weight_bytes
+
+
+class FittedStepTimer:
+    """``StepTimer`` of a coefficient set for one (model, TP, GPU): per-step features from scalar constants.
+
+    Every feature of SPEC §1 is linear in the step's aggregates except the two roofline ``max``es and the
+    expected distinct experts; the linear maps are read off :func:`rooflab.model.features.compute_features` at
+    unit aggregates, so the timer and the fit use one implementation of the formulas."""
+
+    def __init__(self, coefs: Coefficients, arch, hardware, tp: int):
+
+        self.setting = s = Setting(arch, hardware, int(tp), coefs.formulas)
+        names = ("prefill_reqs", "prefill_tokens", "prefill_context", "prefill_attn_pairs", "prefill_logits",
+                 "decode_reqs", "decode_context")
+        basis = np.zeros((len(names) + 1, len(names)))
+        basis[1:] = np.eye(len(names))
+        f = compute_features(s, {n: basis[:, i] for i, n in enumerate(names)})
+        unit = {n: i + 1 for i, n in enumerate(names)}  # row of the unit vector of aggregate n
+
+        def lin(feature, agg):
+            return float(f[feature][unit[agg]] - f[feature][0])
+
+        self.pf_c = tuple(lin("F_pf_compute", a) for a in ("prefill_tokens", "prefill_attn_pairs",
+                                                           "prefill_context", "prefill_logits"))
+        self.pf_kv = lin("F_pf_kv", "prefill_tokens")
+        self.dc_c = (lin("F_dc_compute", "decode_reqs"), lin("F_dc_compute", "decode_context"))
+        self.dc_kv = lin("F_dc_kv", "decode_context")
+        self.dc_kv_d = lin("F_dc_kv", "decode_reqs")
+        self.w_static = float(f["f_weight_static"][0])
+        # the TP term is affine in the step's tokens (bandwidth per token + per-all-reduce latency)
+        self.tp0 = float(f["f_tp"][0])
+        self.tp_c = lin("f_tp", "prefill_tokens")
+        a = arch
+        if coefs.tp_comm == "blis":  # BLIS's TP volume: 2L all-reduces moving 2(TP−1)/TP·T·d·b_act over HBM
+            self.tp0 = 0.0
+            self.tp_c = (2 * a.n_layers * a.hidden * a.act_bytes * 2 * (tp - 1) / tp / (hardware.hbm_tb_s * 1e6)
+                         if tp > 1 else 0.0)
+
+        self.moe = a.is_moe
+        self.expert_us = expert_weight_bytes(s) / (hardware.hbm_tb_s * 1e6) if a.is_moe else 0.0
+        self.N, self.k = float(a.n_experts or 0), float(a.experts_per_token or 0)
+        self.log1mk = math.log1p(-self.k / self.N) if a.is_moe and self.k < self.N else None
+        self.design = coefs.formulas == "design"
+        b = dict(coefs.beta)
+        self.b = [float(b.get(n, 0.0)) for n in ("beta1", "beta2", "beta3", "beta4", "beta5", "beta6", "beta7")]
+        self.const = (self.b[2] * self.w_static + self.b[6] + float(b.get("beta_layer", 0.0)) * a.n_layers
+                      + self.b[4] * self.tp0)
+        self.calls = 0
+
+    def n_eff(self, tokens: float, requests: float) -> float:
+        if not self.moe:
+            return 0.0
+        if self.design:
+            return min(self.N, max(self.k, requests * self.k))
+        if self.log1mk is None:
+            return self.N if tokens > 0 else 0.0
+        return self.N * -math.expm1(tokens * self.log1mk)
+
+    def time_from_aggregates(self, P, T, C, A, logits, D, Cd) -> float:
+        b1, b2, _, b4, b5, b6, _ = self.b
+        t = self.const + b6 * (P + D)
+        if P:
+            pc = self.pf_c
+            t += b1 * max(pc[0] * T + pc[1] * A + pc[2] * C + pc[3] * logits, self.pf_kv * (C + T))
+        if D:
+            t += b2 * max(self.dc_c[0] * D + self.dc_c[1] * Cd, self.dc_kv * Cd + self.dc_kv_d * D)
+        tok = T + D
+        if b5:
+            t += b5 * self.tp_c * tok
+        if self.moe and b4:
+            t += b4 * self.expert_us * self.n_eff(tok, P + D)
+        return t
+
+    def step_time_us(self, decode_contexts, prefills, n_logits: int) -> float:
+        self.calls += 1
+        D = len(decode_contexts)
+        Cd = float(decode_contexts.sum()) if D else 0.0
+        if prefills:
+            T = C = A = 0.0
+            for n, c in prefills:
+                T += n
+                C += c
+                A += n * c + n * (n + 1) / 2
+            P = len(prefills)
+            logits = max(0, n_logits - D)
+        else:
+            P = T = C = A = logits = 0
+        return self.time_from_aggregates(P, T, C, A, logits, D, Cd)
+
+    def scheduler_cpu_us(self, n_requests: int) -> float:
+        return 0.0  # part of the fitted step time (β6, β7); only traced runs ask for it
+
+
+class RecordedStepTimer:
+    """Step times replayed in order (the parity test: the twin's own step times)."""
+
+    def __init__(self, durations):
+        self.durations = list(map(float, durations))
+        self.i = 0
+
+    def step_time_us(self, decode_contexts, prefills, n_logits: int) -> float:
+        t = self.durations[self.i]
+        self.i += 1
+        return t
+
+    def scheduler_cpu_us(self, n_requests: int) -> float:
+        return 0.0
+
+
+_LOADED: dict = {}
+
+
+def arch_and_hardware(model: str, hardware: str):
+    """The model architecture and GPU datasheet, read once per process (a calibration replays many times)."""
+    key = (model, hardware)
+    if key not in _LOADED:
+        from rooflab.model.arch import load_model
+        from rooflab.model.hardware import load_hardware
+
+        _LOADED[key] = (load_model(model), load_hardware(hardware))
+    return _LOADED[key]
