@@ -76,19 +76,20 @@ def build_demo_store(root: Path) -> str:
     sys.path.insert(0, str(ROOT))
     from rooflab.data.synthetic import synthetic_steps, with_step_times
     from rooflab.fit.calibration import Options, calibrate
+    from rooflab.targeting.stop import StopDecision
     from tracking import campaign_runs as track
+    from tracking.store import open_tracking
 
     steps = with_step_times(synthetic_steps(6, 200))
     steps["split"] = "train"
     steps.loc[steps.run_id.isin(["run04", "run05"]), "split"] = "validation"
-    c = track.client(root)
+    c = open_tracking(root)
     parent = track.start_campaign(c, "demo", params={"budget_gpu_hours": 9.5, "hardware": "H100-SXM"})
     for it in range(3):
         calib = calibrate(steps[steps.run_id.isin([f"run{r:02d}" for r in range(it + 4)])], None,
                           Options(n_boot=20, seed=it), plots_dir=root / "plots" / str(it))
-        track.log_iteration(c, parent, it, calib, picks=[{"point": f"p{it}", "reason": "D-optimal gain"}],
-                            gpu_seconds=1800.0 * (it + 1), stop={"stop": it == 2, "reason": "demo"},
-                            artifacts_dir=root / "local_artifacts")
+        track.log_iteration(c, parent, it, calib, picks=[], gpu_seconds=1800.0 * (it + 1),
+                            stop=StopDecision(it == 2, "demo", {}), artifacts_dir=root / "local_artifacts")
     track.finish_campaign(c, parent, stop_reason="demo finished", summary={"iterations": 3})
     return "demo"
 

@@ -107,12 +107,62 @@ def _fit(data: Data, rids: list[str]):
         return None
 
 
-def _stop(calib, campaign, spent: float, budget: float, it: int):
-    from rooflab.targeting.stop import identifiable_betas, stop_rule
+class BenchSteps:
+    """The campaign loop's steps for one strategy over the shared data (no Prefect, no MLflow): collection takes
+    runs from :class:`Data`, the record step keeps the learning curve."""
 
-    return stop_rule(calib, gpu_seconds_spent=spent, budget_gpu_seconds=budget, iteration=it,
-                     max_iterations=MAX_ITERATIONS, required=identifiable_betas(campaign),
-                     heldout_models=tuple(sorted({c.model for c in campaign.validation_combos})))
+    def __init__(self, data: Data):
+        self.data = data
+        self.rids: list[str] = []
+        self.curve: list[tuple[float, object]] = []
+        self.first_but_hot: float | None = None  # GPU-seconds when every criterion but "no hotspot" was first met
+
+    def collect(self, iteration, points):
+        from rooflab.campaign.loop import CollectOutcome
+
+        got = [self.data.get(p) for p in points]
+        self.rids += [g["run_id"] for g in got]
+        failed = sum(g["status"] == "failed" for g in got)
+        return CollectOutcome(len(got) - failed, failed)
+
+    def collected_keys(self):
+        return {self.data.runs[r]["key"] for r in self.rids}
+
+    def spend(self):
+        from rooflab.targeting.strategies import Spend
+
+        by = {s: sum(self.data.runs[r]["gpu_s"] for r in self.rids if self.data.runs[r]["split"] == s)
+              for s in ("train", "validation")}
+        return Spend(by["train"], by["validation"])
+
+    def has_fit_data(self):
+        return any(self.data.runs[r]["status"] == "ok" for r in self.rids)
+
+    def calibrate(self, iteration):
+        return _fit(self.data, self.rids)
+
+    def replay_error(self, calib):
+        raise NotImplementedError("the benchmark's loop does not use the replay stop criterion")
+
+    def record(self, record):
+        self.curve.append((record.spend.total_s, record.calibration))
+        if record.calibration is not None and self.first_but_hot is None and \
+                not [u for u in record.stop.unmet if "hotspot" not in u]:
+            self.first_but_hot = record.spend.total_s
+
+
+def run_strategy(data: Data, campaign, targeting, budget_gpu_h: float | None) -> dict:
+    """One strategy through the core campaign loop (:func:`rooflab.campaign.loop.run_campaign`)."""
+    from rooflab.campaign.loop import MemoryPlans, run_campaign
+
+    camp = campaign.with_loop(batch_size=BATCH, max_iterations=MAX_ITERATIONS, variant=VARIANT, formulas=FORMULAS,
+                              n_boot=N_BOOT).with_budget(budget_gpu_h)
+    steps = BenchSteps(data)
+    out = run_campaign(camp, steps, MemoryPlans(), targeting, report=lambda line: None)
+    reason = out.stop_reason or "iteration cap"
+    last = steps.curve[-1][1] if steps.curve else None
+    return {"rids": steps.rids, "gpu_s": steps.spend().total_s, "runs": len(steps.rids), "converged": out.converged,
+            "stop_reason": reason, "calib": last, "curve": steps.curve, "all_but_hotspots_gpu_s": steps.first_but_hot}
 
 
 def _evaluate(calib, eval_steps: pd.DataFrame, ref_beta: dict | None) -> dict:
@@ -136,93 +186,23 @@ def _evaluate(calib, eval_steps: pd.DataFrame, ref_beta: dict | None) -> dict:
     return out
 
 
-def _spent(data: Data, rids) -> float:
-    return sum(data.runs[r]["gpu_s"] for r in rids)
-
-
-def run_static(data: Data, campaign) -> dict:
-    pts = campaign.design("static99")
-    rids = [data.get(p)["run_id"] for p in pts]
-    spent = _spent(data, rids)
-    calib = _fit(data, rids)
-    stop = _stop(calib, campaign, spent, None, 1)
-    but_hot = spent if not [u for u in stop.unmet if "hotspot" not in u] else None
-    return {"rids": rids, "gpu_s": spent, "runs": len(rids), "converged": stop.reason.startswith("converged"),
-            "stop_reason": stop.reason, "calib": calib, "curve": [(spent, calib)], "all_but_hotspots_gpu_s": but_hot}
-
-
-def run_loop(data: Data, campaign, budget: float, choose, label: str) -> dict:
-    """Collect a batch, refit, stop rule; repeat. ``choose(calib, collected_keys, rids, left, it)``."""
-    rids: list[str] = []
-    keys: set[str] = set()
-    calib, stop, curve = None, None, []
-    first_but_hot = None  # GPU-seconds when every criterion but "no hotspot" was first met
-    for it in range(MAX_ITERATIONS):
-        spent = _spent(data, rids)
-        picks = choose(calib, keys, rids, budget - spent, it)
-        if not picks:
-            reason = "no candidate left that fits the budget"
-            break
-        for p in picks:
-            rids.append(data.get(p)["run_id"])
-            keys.add(p.key)
-        spent = _spent(data, rids)
-        calib = _fit(data, rids)
-        stop = _stop(calib, campaign, spent, budget, it + 1) if calib is not None else None
-        curve.append((spent, calib))
-        if stop is not None and first_but_hot is None and not [u for u in stop.unmet if "hotspot" not in u]:
-            first_but_hot = spent
-        if stop is not None and stop.stop:
-            reason = stop.reason
-            break
-    else:
-        reason = "iteration cap"
-    return {"rids": rids, "gpu_s": _spent(data, rids), "runs": len(rids),
-            "converged": bool(stop is not None and stop.reason.startswith("converged")), "stop_reason": reason,
-            "calib": calib, "curve": curve, "all_but_hotspots_gpu_s": first_but_hot}
-
-
 def job(truth: str, seed: int, workdir: str, budget_share: float) -> dict:
-    from rooflab.targeting.doptimal import choose_next_doptimal
+    from rooflab.targeting.strategies import DOptimal, RandomOrder, StaticPlan
 
     t0 = time.time()
     wd = Path(workdir) / f"{truth}-{seed}"
     wd.mkdir(parents=True, exist_ok=True)
     campaign = _campaign(truth, seed, wd)
     data = Data(campaign, wd / "store")
-    static = run_static(data, campaign)
-    budget = static["gpu_s"] * budget_share
+    static = run_strategy(data, campaign, StaticPlan(), None)
+    budget_h = static["gpu_s"] * budget_share / 3600
     eval_rids = [r for r in static["rids"] if data.runs[r]["split"] == "validation" and data.runs[r]["status"] == "ok"]
     eval_keys = {data.runs[r]["key"] for r in eval_rids}
     eval_steps, _ = data.tables(eval_rids)
-
-    def active(calib, keys, rids, left, it):
-        spent = {s: sum(data.runs[r]["gpu_s"] for r in rids if data.runs[r]["split"] == s)
-                 for s in ("train", "validation")}
-        picks = choose_next_doptimal(calib, campaign, keys, batch_size=BATCH, budget_gpu_seconds_left=left,
-                                     variant=VARIANT, formulas=FORMULAS, heldout_gpu_s=spent["validation"],
-                                     train_gpu_s=spent["train"])
-        return [p.point for p in picks]
-
-    rng = np.random.default_rng(1000 + seed)
-    order = list(rng.permutation(len(campaign.candidates())))
-    cands = campaign.candidates()
-
-    def random(calib, keys, rids, left, it):
-        out, cost = [], 0.0
-        while order and len(out) < BATCH:
-            p = cands[order.pop(0)]
-            c = campaign.gpu_seconds([p])
-            if p.key in keys or cost + c > left:
-                continue
-            out.append(p)
-            cost += c
-        return out
-
-    res = {"static": static, "active": run_loop(data, campaign, budget, active, "active"),
-           "random": run_loop(data, campaign, budget, random, "random")}
-    out = {"truth": truth, "seed": seed, "budget_gpu_s": budget, "static_gpu_s": static["gpu_s"], "eval_runs": len(eval_rids),
-           "eval_steps": int(len(eval_steps)), "seconds": 0.0, "strategies": {}}
+    res = {"static": static, "active": run_strategy(data, campaign, DOptimal(), budget_h),
+           "random": run_strategy(data, campaign, RandomOrder(seed), budget_h)}
+    out = {"truth": truth, "seed": seed, "budget_gpu_s": budget_h * 3600, "static_gpu_s": static["gpu_s"],
+           "eval_runs": len(eval_rids), "eval_steps": int(len(eval_steps)), "seconds": 0.0, "strategies": {}}
     for name, r in res.items():
         curve = [(g / 3600, _evaluate(c, eval_steps, None)["heldout_mape"]) for g, c in r["curve"]]
         ev = _evaluate(r["calib"], eval_steps, None)

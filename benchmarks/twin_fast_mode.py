@@ -4,7 +4,7 @@ Run: .venv/bin/python benchmarks/twin_fast_mode.py [--model llama-3.1-8b] [--tp 
 Each of the seed's workload families runs `--seconds` of simulated load (rate × seconds requests with
 fixed lengths, Poisson arrivals) through the engine with the hidden truth model as step timer (noise,
 stragglers and α overheads on). Prints steps, wall seconds and steps/s per workload, and the total.
-Target (SPEC §12): ≥ 20,000 simulated steps/s.
+Target (docs/spec.md §12): ≥ 20,000 simulated steps/s.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from rooflab.twin.engine import Engine
 from rooflab.twin.simulate import constant_rate_workload, simulate
 from rooflab.twin.truth import TruthModel
 
-# (name, rate req/s, input tokens, output tokens) — the seed's families (SPEC §3)
+# (name, rate req/s, input tokens, output tokens) — the seed's families (docs/spec.md §3)
 WORKLOADS = [
     ("W1 prefill 4K", 0.5, 4096, 1),
     ("W1 prefill 8K", 0.5, 8192, 1),

@@ -164,35 +164,43 @@ def campaign_cmd(
     store: Path = typer.Option(Path("store"), help="the data store folder"),
     mlruns: Path = typer.Option(Path("mlruns"), help="the MLflow store folder (SQLite + artifacts)"),
     fast: bool = typer.Option(False, "--fast", help="direct launcher (twin fast mode) instead of inference-perf"),
-    batch_size: int = typer.Option(6, help="sweep points per targeted iteration"),
-    max_iterations: int = typer.Option(3, help="iteration cap (bootstrap = iteration 0)"),
-    variant: str = typer.Option(DEFAULT_VARIANT, help="model variant to fit"),
-    boot: int = typer.Option(100, help="bootstrap draws per fit"),
-    targeting: str = typer.Option("d-optimal", help="d-optimal (information per predicted GPU-second) or menu"),
-    replay_stop: bool = typer.Option(False, "--replay-stop", help="the stop rule also requires the held-out "
-                                     "request-level replay error within SPEC §12's targets"),
+    batch_size: Optional[int] = typer.Option(None, help="override loop.batch_size (sweep points per iteration)"),
+    max_iterations: Optional[int] = typer.Option(None, help="override loop.max_iterations (bootstrap = iteration 0)"),
+    variant: Optional[str] = typer.Option(None, help="override loop.variant (the model variant to fit)"),
+    boot: Optional[int] = typer.Option(None, help="override loop.n_boot (bootstrap draws per fit)"),
+    targeting: Optional[str] = typer.Option(None, help="override loop.targeting: d-optimal | menu | random"),
+    replay_stop: Optional[bool] = typer.Option(None, "--replay-stop/--no-replay-stop",
+                                               help="override loop.replay_stop: the stop rule also requires the "
+                                                    "held-out request-level replay error within its targets"),
 ):
-    """Run the active-learning campaign (Prefect flow, MLflow tracking) until the stop rule. Resumable."""
+    """Run the active-learning campaign (Prefect flow, MLflow tracking) until the stop rule. Resumable. The loop
+    settings come from the campaign's `loop:` section; a flag overrides one for this run."""
     import os
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.campaign import campaign_flow
-    from tracking import campaign_runs as track
+    from rooflab.collect.spec import load_campaign
+    from tracking.compare import compare as compare_campaigns
+    from tracking.store import open_tracking
 
-    get_variant(variant)
+    overrides = {k: v for k, v in {"batch_size": batch_size, "max_iterations": max_iterations, "variant": variant,
+                                   "n_boot": boot, "targeting": targeting, "replay_stop": replay_stop}.items()
+                 if v is not None}
+    camp = load_campaign(campaign).with_loop(**overrides)  # one-line errors before anything starts
+    print(f"campaign {camp.name}: " + ", ".join(f"{k} {v}" for k, v in camp.loop.model_dump().items())
+          + (f" (overridden: {', '.join(sorted(overrides))})" if overrides else ""))
     result = campaign_flow(campaign=campaign, store=str(store), mlruns=str(mlruns),
-                           launcher="direct" if fast else "inference-perf", batch_size=batch_size,
-                           max_iterations=max_iterations, variant=variant, n_boot=boot, targeting=targeting,
-                           replay_stop=replay_stop)
+                           launcher="direct" if fast else "inference-perf", overrides=overrides)
     print()
     print(f"campaign {result['campaign']}: {result['iterations']} iterations, "
           f"{result['gpu_hours']:.3f} GPU-hours, stopped: {result['stop_reason']}")
-    table = track.compare(track.client(mlruns), [result["campaign"]])
+    ts = open_tracking(mlruns)
+    table = compare_campaigns(ts, [result["campaign"]])
     if len(table):
         print(compare_table(table))
     print()
-    print(f"open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {track.tracking_uri(mlruns)} --port 5000")
+    print(f"open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {ts.uri} --port 5000")
     print(f"compare campaigns:   .venv/bin/rooflab compare {result['campaign']}")
 
 
@@ -251,9 +259,10 @@ def compare(
 ):
     """Compare campaigns tracked in MLflow: β with intervals, validation MAPE, GPU-hours, stop reason per
     iteration."""
-    from tracking import campaign_runs as track
+    from tracking.compare import compare as compare_campaigns
+    from tracking.store import existing_tracking
 
-    df = track.compare(mlruns, campaigns or None)
+    df = compare_campaigns(existing_tracking(mlruns), campaigns or None)
     if as_json:
         print(json_dumps(df.to_dict(orient="records")))
         return

@@ -1,135 +1,110 @@
-"""The campaign flow: bootstrap → collect → calibrate → diagnose → target → collect → … until the stop rule.
+"""The campaign flow: the core campaign loop (:func:`rooflab.campaign.loop.run_campaign`) with its steps as
+Prefect tasks — each run a ``launch-run`` task, each fit a ``calibrate`` task — and every iteration logged to
+MLflow. Resumable: the loop keeps its plans in the data store, collection skips complete runs, MLflow logging
+skips logged iterations.
 
-Resumable by construction: each iteration's plan (its sweep points) is saved in the data store before
-it runs and marked complete after it is logged; collection skips complete runs; MLflow logging skips
-logged iterations; calibration is deterministic given the data. Killing the flow anywhere and starting
-it again continues where it was, with no run collected twice and no iteration logged twice.
+Every loop setting comes from the campaign spec (``loop:`` in the YAML); ``overrides`` (the CLI's flags) replace
+some of them for this run and are recorded as MLflow params, so a scheduled deployment and ``rooflab campaign``
+run the same loop unless told otherwise.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prefect import flow
 
-from rooflab.collect.spec import load_campaign
-from rooflab.data.store import Store
-from rooflab.data.sweep import SweepPoint
-from tasks.analyze import (
-    calibrate_from_store,
-    decide_stop,
-    heldout_replay_error,
-    pick_next,
+from rooflab.campaign.loop import (
+    CampaignSteps,
+    CollectOutcome,
+    IterationRecord,
+    run_campaign,
 )
-from tasks.launch import launch_point
-from tracking import campaign_runs as track
+from rooflab.collect.collector import Launcher
+from rooflab.collect.launchers.factory import close_launcher, make_launcher
+from rooflab.collect.spec import Campaign, load_campaign
+from rooflab.data.store import Store, StorePlans
+from rooflab.data.sweep import SweepPoint
+from rooflab.fit.calibration import Calibration, Options
+from rooflab.targeting.strategies import Spend, make_targeting
+from tasks.analyze import calibrate_from_store, heldout_replay_error
+from tasks.launch import collect_points
+from tracking.campaign_runs import finish_campaign, log_iteration, start_campaign
+from tracking.store import TrackingStore, open_tracking
 
 
-def collected_keys(store: Store, campaign: str) -> set[str]:
-    """Points with a manifest in this campaign (failed ones too: never picked again)."""
-    return {SweepPoint.from_dict(m["point"]).key for m in store.manifests() if m["campaign"] == campaign}
+@dataclass
+class FlowSteps(CampaignSteps):
+    """The loop's steps inside the flow: the data store, Prefect tasks, MLflow."""
 
+    campaign: Campaign
+    store: Store
+    launcher: Launcher
+    tracking: TrackingStore
+    parent_run: str
+    work: Path  # local folder for plots and artifact files
 
-def collect_points(store: Store, launcher, campaign: str, points: list[SweepPoint], *, concurrency: int,
-                   max_retries: int, replicates: int = 1) -> list[dict]:
-    """Run points as Prefect tasks, at most ``concurrency`` at a time."""
-    jobs = [(p, r) for p in points for r in range(replicates)]
-    manifests = []
-    for i in range(0, len(jobs), max(1, concurrency)):
-        wave = [launch_point.submit(str(store.root), launcher, campaign, p, r, max_retries)
-                for p, r in jobs[i:i + concurrency]]
-        for fut in wave:
-            try:
-                manifests.append(fut.result())
-            except Exception as exc:  # retries exhausted on a transient error: recorded in the store
-                print(f"  run failed after retries: {exc}")
-    return manifests
+    def collect(self, iteration: int, points: list[SweepPoint]) -> CollectOutcome:
+        c = self.campaign
+        prog = collect_points(self.store, self.launcher, c.name, points, concurrency=c.collection.concurrency,
+                              max_retries=c.collection.max_retries, replicates=c.replicates)
+        reasons = tuple(sorted({str(m.get("reason", "")) for m in prog.runs if m["status"] == "failed"}))
+        return CollectOutcome(prog.done + prog.skipped, prog.failed, reasons)
 
+    def collected_keys(self) -> set[str]:
+        return self.store.collected_keys(self.campaign.name)
 
-def _beta_line(calib) -> str:
-    b = calib.beta
-    return " ".join(f"{n}={v:.3g}" for n, v in zip(b.names, b.beta))
+    def spend(self) -> Spend:
+        runs = self.store.runs(campaign=self.campaign.name)
+        by_split = runs.groupby("split")["gpu_seconds"].sum().to_dict() if len(runs) else {}
+        return Spend(float(by_split.get("train", 0.0)), float(by_split.get("validation", 0.0)))
+
+    def has_fit_data(self) -> bool:
+        return not self.store.runs(campaign=self.campaign.name, statuses=("ok",)).empty
+
+    def calibrate(self, iteration: int) -> Calibration:
+        loop = self.campaign.loop
+        options = Options(variant=loop.variant, formulas=loop.formulas, n_boot=loop.n_boot)
+        return calibrate_from_store(str(self.store.root), self.campaign.name, options,
+                                    str(self.work / f"iter-{iteration}" / "plots"))
+
+    def replay_error(self, calib: Calibration) -> dict[str, Any]:
+        return heldout_replay_error(str(self.store.root), self.campaign.name, calib)
+
+    def record(self, record: IterationRecord) -> None:
+        assert record.calibration is not None  # the flow's calibrate step always fits (or raises)
+        log_iteration(self.tracking, self.parent_run, record.iteration, record.calibration, stop=record.stop,
+                      picks=record.picks, gpu_seconds=record.spend.total_s,
+                      artifacts_dir=self.work / f"iter-{record.iteration}")
 
 
 @flow(name="rooflab-campaign", log_prints=True)
 def campaign_flow(campaign: str = "demo", store: str = "store", mlruns: str = "mlruns",
-                  launcher: str = "inference-perf", batch_size: int = 6, max_iterations: int = 4,
-                  variant: str = "roofline7+layers", formulas: str = "vllm", n_boot: int = 100,
-                  targeting: str = "d-optimal", replay_stop: bool = False) -> dict:
-    from rooflab.collect.launchers.factory import close_launcher, make_launcher
-    from rooflab.targeting.stop import StopDecision
-
+                  launcher: str = "inference-perf", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) a campaign until the stop rule. ``overrides``: loop settings that replace the spec's
+    (``batch_size``, ``max_iterations``, ``variant``, ``formulas``, ``targeting``, ``n_boot``, ``replay_stop``)."""
     camp = load_campaign(campaign)
+    if overrides:
+        camp = camp.with_loop(**overrides)
     st = Store(store)
     lau = make_launcher(camp, launcher, st.root)
-    client = track.client(Path(mlruns))
-    parent = track.start_campaign(client, camp.name, params={
-        "campaign": camp.name, "launcher": launcher, "batch_size": batch_size, "max_iterations": max_iterations,
-        "variant": variant, "formulas": formulas, "budget_gpu_hours": camp.budget_gpu_hours, "targeting": targeting, "replay_stop": replay_stop,
-        "combos": ", ".join(f"{c.model}/tp{c.tp}" for c in camp.combos)})
-    options = {"variant": variant, "formulas": formulas, "n_boot": n_boot}
-    budget_s = camp.budget_gpu_hours * 3600 if camp.budget_gpu_hours else None
-    artifacts_root = Path(mlruns) / "work" / camp.name
-
-    plans = {p["iteration"]: p for p in st.iterations(camp.name)}
-    if 0 not in plans:
-        picks = pick_next(None, camp, collected_keys(st, camp.name), batch_size, budget_s, 0, targeting=targeting,
-                          store_root=str(st.root), options=options)
-        st.save_iteration(camp.name, 0, {"points": [p.to_dict() for p in picks], "complete": False})
-        plans = {p["iteration"]: p for p in st.iterations(camp.name)}
-    it = min((i for i, p in plans.items() if not p.get("complete")), default=max(plans) + 1)
-    stop = None
-    calib = None
+    ts = open_tracking(Path(mlruns))
+    loop = camp.loop
+    parent = start_campaign(ts, camp.name, params={
+        "campaign": camp.name, "launcher": launcher, "budget_gpu_hours": camp.budget_gpu_hours,
+        "combos": ", ".join(f"{c.model}/tp{c.tp}" for c in camp.combos), **loop.model_dump(),
+        "overrides": ", ".join(sorted(overrides or {})) or "none"})
+    steps = FlowSteps(camp, st, lau, ts, parent, Path(mlruns) / "work" / camp.name)
     try:
-        while it in plans and not plans[it].get("complete"):
-            points = [SweepPoint.from_dict(p["point"]) for p in plans[it]["points"]]
-            print(f"iteration {it}: collecting {len(points)} runs")
-            manifests = collect_points(st, lau, camp.name, points, concurrency=camp.collection.concurrency,
-                                       max_retries=camp.collection.max_retries, replicates=camp.replicates)
-            failed = sum(m["status"] == "failed" for m in manifests)
-            if st.runs(campaign=camp.name, statuses=("ok",)).empty:
-                from rooflab.errors import InputError
-
-                reasons = sorted({m["reason"] for m in manifests if m["status"] == "failed"})
-                raise InputError(None, "campaign", f"{camp.name}: no unsaturated run has completed, nothing to "
-                                 f"calibrate ({failed} failed: {'; '.join(reasons)[:300]})")
-            spent = st.gpu_seconds(campaign=camp.name)
-            calib = calibrate_from_store(str(st.root), camp.name, options, str(artifacts_root / f"iter-{it}" / "plots"))
-            replay = heldout_replay_error(str(st.root), camp.name, calib) if replay_stop else None
-            stop = decide_stop(calib, camp, gpu_seconds_spent=spent, budget_gpu_seconds=budget_s,
-                               iterations_done=it + 1, max_iterations=max_iterations, replay=replay)
-            nxt = []
-            if not stop.stop:
-                left = None if budget_s is None else budget_s - spent
-                nxt = pick_next(calib, camp, collected_keys(st, camp.name), batch_size, left, it + 1,
-                                targeting=targeting, store_root=str(st.root), options=options)
-                if not nxt:
-                    stop = StopDecision(True, "no candidate left that fits the budget", stop.criteria)
-            track.log_iteration(client, parent, it, calib, picks=[p.to_dict() for p in nxt], gpu_seconds=spent,
-                                stop={"stop": stop.stop, "reason": stop.reason}, artifacts_dir=artifacts_root / f"iter-{it}")
-            if nxt:
-                st.save_iteration(camp.name, it + 1, {"points": [p.to_dict() for p in nxt], "complete": False})
-            val = calib.accuracy.get("validation", {}).get("mape")
-            st.save_iteration(camp.name, it, {**plans[it], "complete": True, "stop": stop.stop,
-                                              "stop_reason": stop.reason, "gpu_seconds": spent,
-                                              "train_mape": calib.accuracy.get("train", {}).get("mape"),
-                                              "validation_mape": val, "beta": calib.beta.coefficients()})
-            print(f"iteration {it}: {len(manifests) - failed} runs ok, {failed} failed; GPU-h {spent / 3600:.3f}"
-                  + (f" of {camp.budget_gpu_hours:g}" if camp.budget_gpu_hours else "")
-                  + f"; train MAPE {calib.accuracy['train']['mape']:.1%}"
-                  + (f", held-out MAPE {val:.1%}" if val is not None else "") + f"; {_beta_line(calib)}")
-            print(f"iteration {it}: {'STOP — ' + stop.reason if stop.stop else 'next: ' + str(len(nxt)) + ' points'}")
-            for p in nxt:
-                print(f"    + {p.point.label()}: {p.reason}")
-            plans = {p["iteration"]: p for p in st.iterations(camp.name)}
-            it += 1
+        outcome = run_campaign(camp, steps, StorePlans(st, camp.name), make_targeting(loop.targeting, seed=camp.seed))
     finally:
         close_launcher(lau)
-    last = st.iterations(camp.name)[-1] if st.iterations(camp.name) else {}
-    reason = stop.reason if stop is not None else last.get("stop_reason", "")
-    if stop is None or stop.stop:
-        track.finish_campaign(client, parent, stop_reason=reason,
-                              summary={"iterations": len(st.iterations(camp.name)),
-                                       "gpu_hours": st.gpu_seconds(campaign=camp.name) / 3600})
-    return {"campaign": camp.name, "iterations": len(st.iterations(camp.name)), "stop_reason": reason,
-            "gpu_hours": st.gpu_seconds(campaign=camp.name) / 3600, "parent_run_id": parent}
+    spent = steps.spend()
+    if outcome.stopped:
+        finish_campaign(ts, parent, stop_reason=outcome.stop_reason,
+                        summary={"iterations": outcome.iterations, "gpu_hours": spent.total_s / 3600,
+                                 "converged": outcome.converged})
+    return {"campaign": camp.name, "iterations": outcome.iterations, "stop_reason": outcome.stop_reason,
+            "converged": outcome.converged, "gpu_hours": spent.total_s / 3600, "parent_run_id": parent}

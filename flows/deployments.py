@@ -16,12 +16,12 @@ DATA_ARRIVED = "rooflab.data.arrived"
 MODEL_ADDED = "rooflab.model.added"
 
 
-def refit_trigger(campaign: str) -> DeploymentEventTrigger:
-    """Refit when a run of this campaign lands (debounced: one refit per burst of arrivals)."""
+def refit_trigger(name: str, spec: str) -> DeploymentEventTrigger:
+    """Refit campaign ``name`` (spec ``spec``: a path or a shipped name) when one of its runs lands."""
     return DeploymentEventTrigger(
-        name=f"refit {campaign} on data", expect={DATA_ARRIVED},
-        match={"prefect.resource.id": "rooflab.run.*", "rooflab.campaign": campaign},
-        parameters={"campaign": campaign, "reason": "data arrived: {{ event.resource.id }}"})
+        name=f"refit {name} on data", expect={DATA_ARRIVED},
+        match={"prefect.resource.id": "rooflab.run.*", "rooflab.campaign": name},
+        parameters={"campaign": spec, "reason": "data arrived: {{ event.resource.id }}"})
 
 
 def new_model_trigger(campaign: str) -> DeploymentEventTrigger:
@@ -35,8 +35,8 @@ def build_deployments(campaign: str, *, store: str = "store", mlruns: str = "mlr
                       launcher: str = "inference-perf") -> list:
     camp = load_campaign(campaign)
     common = {"store": store, "mlruns": mlruns}
-    deps = [refit_flow.to_deployment(name=f"{camp.name}-refit", triggers=[refit_trigger(camp.name)],
-                                     parameters={"campaign": camp.name, **common}),
+    deps = [refit_flow.to_deployment(name=f"{camp.name}-refit", triggers=[refit_trigger(camp.name, campaign)],
+                                     parameters={"campaign": campaign, **common}),
             new_model_flow.to_deployment(name=f"{camp.name}-new-model", triggers=[new_model_trigger(camp.name)],
                                          parameters={"campaign": campaign, "launcher": launcher, **common})]
     if camp.schedule:

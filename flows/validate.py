@@ -5,24 +5,30 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from prefect import flow
 
-from rooflab.collect.spec import load_campaign
-from rooflab.data.store import Store
+from flows.refit import refit_flow
+from rooflab.collect.collector import plan
+from rooflab.collect.launchers.factory import close_launcher, make_launcher
+from rooflab.collect.spec import Campaign, load_campaign, static99
+from rooflab.data.store import COMPLETE, Store
 from rooflab.data.sweep import SweepPoint
-from rooflab.model.variants import DEFAULT_VARIANT
+from rooflab.errors import InputError
+from rooflab.fit.calibration import Calibration, Options
+from rooflab.replay.heldout import store_replay_error
 from tasks.analyze import calibrate_from_store
-from tracking import campaign_runs as track
+from tasks.launch import collect_points
+from tracking.campaign_runs import log_refit
+from tracking.store import open_tracking
 
 NEW_MODEL_MAPE_LIMIT = 0.10
 
 
-def v1_points(camp, model: str, tp: int, hardware: str | None = None) -> list[SweepPoint]:
+def v1_points(camp: Campaign, model: str, tp: int, hardware: str | None = None) -> list[SweepPoint]:
     """The campaign's V1 validation points (as the static plan runs them on its held-out combos),
     retargeted to (model, TP): W2 at 1024 and W3 at a low and a high rate, split "validation"."""
-    from rooflab.collect.spec import static99
-
     v1 = [p for p in static99(camp) if p.split == "validation"]
     first = (v1[0].model, v1[0].tp) if v1 else None
     return [replace(p, model=model, tp=tp, hardware=hardware or p.hardware) for p in v1 if (p.model, p.tp) == first]
@@ -30,46 +36,42 @@ def v1_points(camp, model: str, tp: int, hardware: str | None = None) -> list[Sw
 
 @flow(name="rooflab-validate", log_prints=True)
 def validate_flow(campaign: str, model: str, tp: int, hardware: str | None = None, store: str = "store",
-                  mlruns: str = "mlruns", launcher: str = "inference-perf", variant: str = DEFAULT_VARIANT) -> dict:
-    from flows.campaign import collect_points
-    from rooflab.collect.launchers.factory import close_launcher, make_launcher
-
+                  mlruns: str = "mlruns", launcher: str = "inference-perf") -> dict[str, Any]:
     camp = load_campaign(campaign)
     st = Store(store)
     points = v1_points(camp, model, tp, hardware)
     lau = make_launcher(camp, launcher, st.root)
     try:
-        manifests = collect_points(st, lau, camp.name, points, concurrency=camp.collection.concurrency,
-                                   max_retries=camp.collection.max_retries)
+        collect_points(st, lau, camp.name, points, concurrency=camp.collection.concurrency,
+                       max_retries=camp.collection.max_retries)
     finally:
         close_launcher(lau)
-    calib = calibrate_from_store(str(st.root), camp.name, {"variant": variant, "n_boot": 50},
+    loop = camp.loop
+    calib = calibrate_from_store(str(st.root), camp.name,
+                                 Options(variant=loop.variant, formulas=loop.formulas, n_boot=50),
                                  str(Path(mlruns) / "work" / camp.name / "validate"))
-    ids = {m["run_id"] for m in manifests if m["status"] != "failed"}
+    ids = {rid for rid, _, _ in plan(camp.name, points) if st.status(rid) in COMPLETE}
     table = calib.residuals
     rows = table[(table.split == "validation") & (table.dimension == "run_id") & table.bucket.isin(ids)]
     mape = float((rows.mape * rows.steps).sum() / rows.steps.sum()) if len(rows) else float("nan")
-    client = track.client(Path(mlruns))
-    run = track.log_refit(client, camp.name, calib, artifacts_dir=Path(mlruns) / "work" / camp.name / "validate",
-                          reason=f"validate {model} tp{tp}: V1 MAPE {mape:.1%}")
+    run = log_refit(open_tracking(Path(mlruns)), camp.name, calib,
+                    artifacts_dir=Path(mlruns) / "work" / camp.name / "validate",
+                    reason=f"validate {model} tp{tp}: V1 MAPE {mape:.1%}")
     print(f"V1 on {model} TP{tp}: {len(ids)} runs, step-time MAPE {mape:.1%} with the current coefficients")
     replay = replay_verdict(st, calib, sorted(ids))
     print(f"V1 replay on {model} TP{tp}: {replay['verdict']}")
     return {"model": model, "tp": tp, "v1_mape": mape, "runs": sorted(ids), "mlflow_run_id": run, "replay": replay}
 
 
-REPLAY_TARGETS = {"ttft": 0.12, "itl": 0.05, "e2e": 0.05}  # SPEC §12: median held-out MAPE
+REPLAY_TARGETS = {"ttft": 0.12, "itl": 0.05, "e2e": 0.05}  # docs/spec.md §12: median held-out MAPE
 
 
-def replay_verdict(store, calib, run_ids: list[str]) -> dict:
+def replay_verdict(store: Store, calib: Calibration, run_ids: list[str]) -> dict[str, Any]:
     """The request-level verdict (issue 7): replay the V1 runs' requests through the scheduler with the current
     coefficients and compare TTFT / ITL / E2E with the measured ones (median over runs of the APE of the run's
-    mean) against SPEC §12's targets."""
-    from rooflab.errors import InputError
-    from rooflab.replay.heldout import store_replay_error
-
+    mean) against docs/spec.md §12's targets."""
     try:
-        err = store_replay_error(store, calib, runs=run_ids)
+        err = store_replay_error(store, calib.coefficients(), runs=run_ids)
     except InputError as exc:
         return {"verdict": f"no replay ({exc})", "passed": None}
     if not err["n_runs"]:
@@ -81,14 +83,9 @@ def replay_verdict(store, calib, run_ids: list[str]) -> dict:
 
 @flow(name="rooflab-new-model", log_prints=True)
 def new_model_flow(campaign: str, model: str, tp: int, hardware: str | None = None, store: str = "store",
-                   mlruns: str = "mlruns", launcher: str = "inference-perf") -> dict:
+                   mlruns: str = "mlruns", launcher: str = "inference-perf") -> dict[str, Any]:
     """The seed's trigger for a new model/hardware entry: V1 first; a full sweep of the combo only when the
     current coefficients miss V1 by more than 10% MAPE."""
-    from flows.campaign import collect_points
-    from flows.refit import refit_flow
-    from rooflab.collect.launchers.factory import close_launcher, make_launcher
-    from rooflab.collect.spec import static99
-
     result = validate_flow(campaign, model, tp, hardware, store, mlruns, launcher)
     if not result["v1_mape"] > NEW_MODEL_MAPE_LIMIT:
         print(f"V1 MAPE {result['v1_mape']:.1%} ≤ {NEW_MODEL_MAPE_LIMIT:.0%}: the coefficients transfer, no sweep")
@@ -106,5 +103,5 @@ def new_model_flow(campaign: str, model: str, tp: int, hardware: str | None = No
                        max_retries=camp.collection.max_retries)
     finally:
         close_launcher(lau)
-    refit = refit_flow(camp.name, store, mlruns, reason=f"new model {model} tp{tp}")
+    refit = refit_flow(campaign, store, mlruns, reason=f"new model {model} tp{tp}")
     return {**result, "swept": True, "refit": refit}

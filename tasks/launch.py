@@ -1,30 +1,28 @@
-"""Launch one sweep point into the data store (launch → ingest → saturation routing → manifest)."""
+"""Collection as Prefect tasks: each run of an iteration is a task (visible in the Prefect UI), submitted by the
+collector through :class:`PrefectExecutor`. The collector (``rooflab.collect.collector``) owns retries and
+concurrency; these tasks have no Prefect retries of their own."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
 
-from rooflab.collect.collector import run_one
+from rooflab.collect.collector import (
+    Launcher,
+    Manifest,
+    Progress,
+    RunJob,
+    collect,
+    execute,
+)
 from rooflab.data.store import COMPLETE, Store
-from rooflab.data.sweep import SweepPoint, run_id
+from rooflab.data.sweep import SweepPoint
 
 
-class TransientRunError(RuntimeError):
-    """A run failed for a reason worth retrying (timeout, server exit): Prefect retries the task."""
-
-
-def _retry_transient(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except TransientRunError:
-        return True
-    except Exception:
-        return False
-    return False
-
-
-def _emit_data_arrived(manifest: dict) -> None:
+def _emit_data_arrived(manifest: Manifest) -> None:
     """Tell Prefect's event system that a run landed (the refit deployment listens for this)."""
     try:
         from prefect.events import emit_event
@@ -38,24 +36,25 @@ def _emit_data_arrived(manifest: dict) -> None:
         pass
 
 
-@task(name="launch-sweep-point", retries=3, retry_delay_seconds=2, retry_condition_fn=_retry_transient,
-      cache_policy=NO_CACHE, task_run_name="launch {point.family} {point.model} tp{point.tp}")
-def launch_point(store_root: str, launcher, campaign: str, point: SweepPoint, replicate: int = 0,
-                 max_retries: int = 2) -> dict:
-    """One attempt per task try: a transient failure raises TransientRunError (Prefect retries, up to the
-    campaign's max_retries attempts in total); deterministic failures are recorded and returned."""
-    store = Store(store_root)
-    rid = run_id(campaign, point, replicate)
-    if store.status(rid) in COMPLETE:
-        return store.manifest(rid)
-    before = store.manifest(rid)
-    previous = int(before["attempt"]) if before is not None and before["status"] == "failed" else 0
-    if previous >= max_retries:
-        return before
-    manifest = run_one(store, launcher, campaign, rid, point, replicate, max_retries=previous + 1)
-    manifest = manifest or store.manifest(rid)
-    if manifest["status"] == "failed" and manifest.get("transient") and manifest["attempt"] < max_retries:
-        raise TransientRunError(f"{rid}: {manifest['reason']}")
-    if manifest["status"] in COMPLETE:
+@task(name="launch-run", cache_policy=NO_CACHE,
+      task_run_name="launch {job.point.family} {job.point.model} tp{job.point.tp} r{job.replicate}")
+def launch_run(job: RunJob) -> Manifest | None:
+    """One run, with the collector's retries: launch → ingest → saturation routing → manifest."""
+    manifest = execute(job)
+    if manifest is not None and manifest["status"] in COMPLETE:
         _emit_data_arrived(manifest)
     return manifest
+
+
+class PrefectExecutor:
+    """Submits each run as a :func:`launch_run` task of the running flow."""
+
+    def submit(self, job: RunJob) -> PrefectFuture[Any]:
+        return launch_run.submit(job)
+
+
+def collect_points(store: Store, launcher: Launcher, campaign: str, points: list[SweepPoint], *, concurrency: int,
+                   max_retries: int, replicates: int = 1) -> Progress:
+    """Collect ``points`` inside a flow: the collector's policy, one Prefect task per run."""
+    return collect(store, launcher, campaign, points, replicates=replicates, concurrency=concurrency,
+                   max_retries=max_retries, executor=PrefectExecutor())

@@ -13,9 +13,19 @@ import pytest
 
 from rooflab.errors import InputError
 from rooflab.model.arch import load_model
-from rooflab.model.blis import (BLIS_BASIS_COLUMNS, BLIS_BASIS_OF, BLIS_BETA_ORDER, BLIS_VARIANTS, BlisShape,
-                                blis_alpha_us, blis_basis, blis_shape, blis_shape_of, blis_step_time_us,
-                                load_blis_hardware)
+from rooflab.model.blis import (
+    BLIS_BASIS_COLUMNS,
+    BLIS_BASIS_OF,
+    BLIS_BETA_ORDER,
+    BLIS_VARIANTS,
+    BlisShape,
+    blis_alpha_us,
+    blis_basis,
+    blis_shape,
+    blis_shape_of,
+    blis_step_time_us,
+    load_blis_hardware,
+)
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "blis_worked_numbers.json").read_text())
 MODELS = ("llama-3.1-8b", "mixtral-8x7b", "llama-4-scout-17b-16e-fp8")

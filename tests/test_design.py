@@ -1,4 +1,4 @@
-"""Information-optimal targeting (rooflab.targeting.doptimal, SPEC §9): the greedy D-optimal core against brute force,
+"""Information-optimal targeting (rooflab.targeting.doptimal, docs/spec.md §9): the greedy D-optimal core against brute force,
 predictions from the twin's scheduler under fitted coefficients, and the obvious picks."""
 
 import itertools
@@ -13,6 +13,7 @@ from rooflab.collect.launchers.direct import DirectLauncher
 from rooflab.collect.spec import load_campaign
 from rooflab.data.store import Store
 from rooflab.data.sweep import run_id
+from rooflab.errors import InputError
 from rooflab.fit.calibration import Options, calibrate
 from rooflab.targeting.doptimal import HOTSPOT_BOOST, choose_next_doptimal, greedy
 from rooflab.targeting.information import (
@@ -213,17 +214,18 @@ def test_a_saturated_prediction_carries_no_information(tmp_path):
     assert pr.gpu_s > p.duration_s * p.tp * 1.5  # the overload stretches the run
 
 
-def test_campaign_flow_logs_doptimal_picks(tmp_path):
-    """tasks.analyze.pick_next routes to the D-optimal targeting by default and to the menu on request."""
-    from tasks.analyze import pick_next
+def test_targeting_strategies_route_by_name():
+    """The loop's targeting by name: D-optimal by default, the menu on request, one-line error otherwise."""
+    from rooflab.targeting.strategies import Spend, make_targeting
 
     c = load_campaign("smoke")
-    dopt = pick_next.fn(None, c, set(), 3, None, 0, store_root=str(tmp_path / "st"))
-    menu = pick_next.fn(None, c, set(), 3, None, 0, targeting="menu")
+    dopt = make_targeting("d-optimal").pick(None, c, set(), batch_size=3, budget_left_s=None, iteration=0,
+                                            spend=Spend())
+    menu = make_targeting("menu").pick(None, c, set(), batch_size=3, budget_left_s=None, iteration=0, spend=Spend())
     assert dopt and all("D-optimal" in p.reason or p.serves == "validation" for p in dopt)
     assert menu and all("D-optimal" not in p.reason for p in menu)
-    with pytest.raises(Exception, match="targeting"):
-        pick_next.fn(None, c, set(), 3, None, 0, targeting="nope")
+    with pytest.raises(InputError, match="targeting"):
+        make_targeting("nope")
     logged = json.loads(json.dumps([p.to_dict() for p in dopt]))  # what MLflow gets
     train = [d for d in logged if d["split"] == "train"]
     assert train and all({"d_gain", "predicted_gpu_s", "sd_shrink"} <= set(d["details"]) for d in train)
@@ -231,7 +233,7 @@ def test_campaign_flow_logs_doptimal_picks(tmp_path):
 
 def test_stop_rule_can_require_held_out_replay_error(tmp_path):
     """The optional replay criterion (issue 7 → the stop rule): held-out runs of the store replayed with the
-    current coefficients, judged against SPEC §12's request-level targets."""
+    current coefficients, judged against docs/spec.md §12's request-level targets."""
     from rooflab.targeting.stop import stop_rule
     from tasks.analyze import heldout_replay_error
 
@@ -245,11 +247,11 @@ def test_stop_rule_can_require_held_out_replay_error(tmp_path):
     assert rep["n_runs"] == sum(p.split == "validation" for p in pts) and np.isfinite(rep["e2e"])
     d = stop_rule(calib, gpu_seconds_spent=0, budget_gpu_seconds=None, iteration=1, max_iterations=None, replay=rep)
     crit = d.criteria["replay"]
-    assert crit["met"] == (rep["ttft"] <= 0.12 and rep["itl"] <= 0.05 and rep["e2e"] <= 0.05)
-    assert "held-out replay TTFT" in crit["text"]
+    assert crit.met == (rep["ttft"] <= 0.12 and rep["itl"] <= 0.05 and rep["e2e"] <= 0.05)
+    assert "held-out replay TTFT" in crit.text
     d = stop_rule(calib, gpu_seconds_spent=0, budget_gpu_seconds=None, iteration=1, max_iterations=None,
                   replay={"n_runs": 0})
-    assert d.criteria["replay"]["met"] is False and "no held-out run to replay yet" in d.reason
+    assert d.criteria["replay"].met is False and "no held-out run to replay yet" in d.reason
     worse = stop_rule(calib, gpu_seconds_spent=0, budget_gpu_seconds=None, iteration=1, max_iterations=None,
                       replay={"n_runs": 2, "ttft": 0.30, "itl": 0.01, "e2e": 0.02})
-    assert worse.criteria["replay"]["met"] is False and "TTFT 30.0% > 12%" in worse.reason
+    assert worse.criteria["replay"].met is False and "TTFT 30.0% > 12%" in worse.reason

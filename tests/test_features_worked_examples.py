@@ -1,4 +1,4 @@
-"""FORMULAS.md §8 worked examples (H100 SXM), both formula sets, to 0.5%."""
+"""docs/formulas.md §8 worked examples (H100 SXM), both formula sets, to 0.5%."""
 
 import dataclasses
 import json
@@ -70,7 +70,7 @@ def test_deepseek_fp8_gemms_run_at_fp8_peak():
 
 @pytest.mark.parametrize("B,expected", [(1, 2.0), (2, 3.5), (4, 5.5), (8, 7.2)])
 def test_mixtral_expected_distinct_experts_on_decode_steps(B, expected):
-    """FORMULAS.md §8.2 sensitivity table: decode-only steps of B requests (T = B tokens)."""
+    """docs/formulas.md §8.2 sensitivity table: decode-only steps of B requests (T = B tokens)."""
     s = Setting(load_model("mixtral-8x7b"), load_hardware("H100-SXM"), 2, "vllm")
     f = compute_features(s, dict(prefill_reqs=[0], prefill_tokens=[0], prefill_context=[0], decode_reqs=[B],
                                  decode_context=[B * 100]))

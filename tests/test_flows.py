@@ -12,10 +12,12 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
+import flows.campaign as campaign_module  # noqa: E402
 from flows.campaign import campaign_flow  # noqa: E402
 from flows.deployments import build_deployments, next_fire_times, refit_trigger  # noqa: E402
 from rooflab.data.store import Store  # noqa: E402
 from tracking import campaign_runs as track  # noqa: E402
+from tracking.store import ROLE, experiment_name, open_tracking  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -27,21 +29,22 @@ def harness(tmp_path_factory):
         yield
 
 
-def _children(client, campaign):
-    parent = track.start_campaign(client, campaign, params={})
-    return parent, track.logged_iterations(client, parent)
+def _children(ts, campaign):
+    parent = track.start_campaign(ts, campaign, params={})
+    return parent, track.logged_iterations(ts, parent)
 
 
 def test_tiny_campaign_runs_to_completion_and_is_tracked(tmp_path):
     store, mlruns = tmp_path / "store", tmp_path / "mlruns"
     result = campaign_flow(campaign="smoke", store=str(store), mlruns=str(mlruns), launcher="direct",
-                           batch_size=4, max_iterations=2, n_boot=30)
+                           overrides={"batch_size": 4, "max_iterations": 2, "n_boot": 30})
     assert result["iterations"] == 2 and result["stop_reason"]
-    client = track.client(mlruns)
-    exp = client.get_experiment_by_name(track.experiment_name("smoke"))
+    ts = open_tracking(mlruns)
+    client = ts.client
+    exp = client.get_experiment_by_name(experiment_name("smoke"))
     runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get(track.ROLE) == "campaign"]
-    children = [r for r in runs if r.data.tags.get(track.ROLE) == "iteration"]
+    parents = [r for r in runs if r.data.tags.get(ROLE) == "campaign"]
+    children = [r for r in runs if r.data.tags.get(ROLE) == "iteration"]
     assert len(parents) == 1 and len(children) == 2
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
     assert "iteration cap 2 reached" in parents[0].data.tags.get("rooflab.stop_reason", "") + result["stop_reason"]
@@ -58,27 +61,25 @@ def test_tiny_campaign_runs_to_completion_and_is_tracked(tmp_path):
 
 def test_campaign_resumes_after_a_crash_without_duplicates(tmp_path, monkeypatch):
     store, mlruns = tmp_path / "store", tmp_path / "mlruns"
-    real_log = track.log_iteration
+    real_log = campaign_module.log_iteration
 
-    def crash_on_iteration_1(client, parent, iteration, *a, **kw):
+    def crash_on_iteration_1(ts, parent, iteration, *a, **kw):
         if iteration == 1:
             raise KeyboardInterrupt("killed during iteration 1")
-        return real_log(client, parent, iteration, *a, **kw)
+        return real_log(ts, parent, iteration, *a, **kw)
 
-    monkeypatch.setattr(track, "log_iteration", crash_on_iteration_1)
+    monkeypatch.setattr(campaign_module, "log_iteration", crash_on_iteration_1)
     with pytest.raises(BaseException):
-        campaign_flow(campaign="smoke", store=str(store), mlruns=str(mlruns), launcher="direct", batch_size=4,
-                      max_iterations=3, n_boot=30)
-    monkeypatch.setattr(track, "log_iteration", real_log)
-    client = track.client(mlruns)
-    _, before = _children(client, "smoke")
+        campaign_flow(campaign="smoke", store=str(store), mlruns=str(mlruns), launcher="direct", overrides={"batch_size": 4, "max_iterations": 3, "n_boot": 30})
+    monkeypatch.setattr(campaign_module, "log_iteration", real_log)
+    ts = open_tracking(mlruns)
+    _, before = _children(ts, "smoke")
     st = Store(store)
     runs_before = set(st.runs().run_id)
     assert set(before) == {0} and len(runs_before) > 0
 
-    result = campaign_flow(campaign="smoke", store=str(store), mlruns=str(mlruns), launcher="direct", batch_size=4,
-                           max_iterations=3, n_boot=30)
-    _, after = _children(client, "smoke")
+    result = campaign_flow(campaign="smoke", store=str(store), mlruns=str(mlruns), launcher="direct", overrides={"batch_size": 4, "max_iterations": 3, "n_boot": 30})
+    _, after = _children(ts, "smoke")
     assert sorted(after) == list(range(result["iterations"])) and after[0] == before[0]  # nothing logged twice
     manifests = st.manifests()
     assert len({m["run_id"] for m in manifests}) == len(manifests)  # nothing collected twice
@@ -103,7 +104,7 @@ def test_data_arrived_event_triggers_a_refit_run(tmp_path):
 
     from flows.refit import refit_flow
 
-    dep = refit_flow.to_deployment(name="smoke-refit-test", triggers=[refit_trigger("smoke")],
+    dep = refit_flow.to_deployment(name="smoke-refit-test", triggers=[refit_trigger("smoke", "smoke")],
                                    parameters={"campaign": "smoke", "store": str(tmp_path / "store"),
                                                "mlruns": str(tmp_path / "mlruns")})
     dep_id = dep.apply()
@@ -145,8 +146,7 @@ def test_validate_and_new_model_flows(tmp_path):
     from rooflab.collect.spec import load_campaign
 
     store, mlruns = str(tmp_path / "store"), str(tmp_path / "mlruns")
-    campaign_flow(campaign="smoke", store=store, mlruns=mlruns, launcher="direct", batch_size=4, max_iterations=1,
-                  n_boot=20)
+    campaign_flow(campaign="smoke", store=store, mlruns=mlruns, launcher="direct", overrides={"batch_size": 4, "max_iterations": 1, "n_boot": 20})
     points = v1_points(load_campaign("smoke"), "llama-2-7b", 1)
     assert points and all(p.split == "validation" and p.model == "llama-2-7b" for p in points)
     res = validate_flow("smoke", "llama-2-7b", 1, store=store, mlruns=mlruns, launcher="direct")

@@ -17,13 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from rooflab.data.adapters.otel import (
-    JourneyEvent,
-    journeys_from_request_events,
-    read_otel_traces,
-    reconstruct_steps,
-    tables_from_records,
-)
+from rooflab.data.adapters.otel import read_otel_traces
+from rooflab.data.adapters.otel_journeys import JourneyEvent, reconstruct_steps
 from rooflab.errors import InputError
 from rooflab.twin.otel import TraceWriter
 from rooflab.twin.records import (
@@ -39,6 +34,7 @@ from rooflab.twin.records import (
     StepEntry,
     StepRecord,
 )
+from rooflab.twin.reference_tables import journeys_from_request_events, tables_from_records
 
 META = dict(run_id="r1", model="llama-2-7b", tp=1, hardware="H100-SXM")
 EPOCH = 1_700_000_000_000_000_000

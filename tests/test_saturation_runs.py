@@ -1,4 +1,4 @@
-"""Run-level saturation checks (SPEC §6) and the reader of the real runs' request data."""
+"""Run-level saturation checks (docs/spec.md §6) and the reader of the real runs' request data."""
 
 import gzip
 import json

@@ -1,4 +1,4 @@
-"""Target v1 (the seed's menu driven by the diagnosis) and the stop rule (SPEC §9)."""
+"""Target v1 (the seed's menu driven by the diagnosis) and the stop rule (docs/spec.md §9)."""
 
 import dataclasses
 import json
@@ -267,8 +267,8 @@ def test_stop_converged_on_well_calibrated_data(good_val):
     assert "validation" in good_val.accuracy
     d = stop_rule(good_val, gpu_seconds_spent=1000, budget_gpu_seconds=34200, iteration=2, max_iterations=5)
     assert isinstance(d, StopDecision) and d.stop and d.reason == "converged: all criteria met", d.reason
-    assert all(d.criteria[f"beta{j}_range"]["met"] for j in range(1, 6))
-    assert d.criteria["validation_mape"]["value"] < 0.10 and d.criteria["hotspots"]["value"] == 0
+    assert all(d.criteria[f"beta{j}_range"].met for j in range(1, 6))
+    assert d.criteria["validation_mape"].value < 0.10 and d.criteria["hotspots"].value == 0
     json.dumps(d.to_dict())
     # converged wins over a spent budget
     d = stop_rule(good_val, gpu_seconds_spent=40000, budget_gpu_seconds=34200, iteration=9, max_iterations=5)
@@ -278,8 +278,8 @@ def test_stop_converged_on_well_calibrated_data(good_val):
 def test_stop_without_held_out_data_is_not_converged(good):
     d = stop_rule(good, gpu_seconds_spent=0, budget_gpu_seconds=None, iteration=1, max_iterations=None)
     assert not d.stop
-    assert d.criteria["validation_mape"] == {"met": False, "value": None, "threshold": 0.10,
-                                             "text": "no held-out data yet"}
+    assert d.criteria["validation_mape"].to_dict() == {"met": False, "value": None, "threshold": 0.10,
+                                                       "text": "no held-out data yet"}
     assert d.reason.startswith("continue (iteration 1 of unlimited, 0.00 of unlimited GPU-h); "
                                "unmet: no held-out data yet")
 
@@ -288,20 +288,20 @@ def test_stop_when_budget_spent(twin_tp1):
     d = stop_rule(twin_tp1, gpu_seconds_spent=9.51 * 3600, budget_gpu_seconds=9.5 * 3600, iteration=2,
                   max_iterations=None)
     assert d.stop and d.reason.startswith("budget spent: 9.51 of 9.50 GPU-h; unmet: ")
-    assert d.criteria["budget"]["met"] and not d.criteria["iteration_cap"]["met"]
+    assert d.criteria["budget"].met and not d.criteria["iteration_cap"].met
 
 
 def test_stop_at_iteration_cap_lists_unmet_criteria(twin_tp1):
     d = stop_rule(twin_tp1, gpu_seconds_spent=100, budget_gpu_seconds=34200, iteration=5, max_iterations=5)
     assert d.stop and d.reason.startswith("iteration cap 5 reached; unmet: ")
     # β5 and β4 never appear in TP1 dense data: prior-only = not identified, whatever their value
-    assert d.criteria["beta5_range"]["met"] is False and d.criteria["beta5_range"]["identified"] is False
+    assert d.criteria["beta5_range"].met is False and d.criteria["beta5_range"].identified is False
     assert "beta5 not identified (feature zero in all data)" in d.reason
     assert "beta4 not identified" in d.reason
-    high_cv = [k for k, c in d.criteria.items() if k.endswith("_cv") and k != "bootstrap_cv" and not c["met"]]
+    high_cv = [k for k, c in d.criteria.items() if k.endswith("_cv") and k != "bootstrap_cv" and not c.met]
     assert high_cv and re.search(rf"{high_cv[0][:-3]} CV \d+% > 30%", d.reason)
     # fewer than 5 training runs: the CVs come from blocks within runs and cannot count
-    assert d.criteria["bootstrap_cv"]["met"] is False and "whole runs need ≥ 5" in d.reason
+    assert d.criteria["bootstrap_cv"].met is False and "whole runs need ≥ 5" in d.reason
     d = stop_rule(twin_tp1, gpu_seconds_spent=100, budget_gpu_seconds=34200, iteration=4, max_iterations=5)
     assert not d.stop and d.reason.startswith("continue (iteration 4 of 5, 0.03 of 9.50 GPU-h); unmet: ")
 
@@ -313,7 +313,7 @@ def test_stop_reports_validation_mape_and_hotspots(good_val):
     assert d.reason == "iteration cap 5 reached; unmet: validation MAPE 12.1% > 10%"
     hot = _with_hotspot(good_val, "phase_mix", "prefill", mape=0.18)
     d = stop_rule(hot, gpu_seconds_spent=0, budget_gpu_seconds=None, iteration=1, max_iterations=5)
-    assert not d.stop and d.criteria["hotspots"]["value"] == 1
+    assert not d.stop and d.criteria["hotspots"].value == 1
     assert "hotspot > 15%: phase_mix=prefill 18% (train)" in d.reason
     # per-run buckets and saturated steps are diagnostics, not hotspots of the model
     d = stop_rule(_with_hotspot(_with_hotspot(good_val, "run_id", "r1"), "model", "x", split="saturated"),
@@ -325,10 +325,10 @@ def test_identifiable_betas_follow_the_campaign(default, smoke, dense):
     assert identifiable_betas(default) == ("beta1", "beta2", "beta3", "beta4", "beta5")
     assert identifiable_betas(smoke) == ("beta1", "beta2", "beta3")  # dense, TP1 only
     d = stop_rule(dense, gpu_seconds_spent=0, budget_gpu_seconds=None, iteration=1, max_iterations=None)
-    assert not d.criteria["beta4_range"]["met"]
+    assert not d.criteria["beta4_range"].met
     d = stop_rule(dense, gpu_seconds_spent=0, budget_gpu_seconds=None, iteration=1, max_iterations=None,
                   required=("beta1", "beta2", "beta3", "beta5"))
-    assert "beta4_range" not in d.criteria and d.criteria["beta5_range"]["met"]
+    assert "beta4_range" not in d.criteria and d.criteria["beta5_range"].met
 
 
 def test_held_out_mape_counts_only_once_every_held_out_model_has_data(good_val):
@@ -337,7 +337,7 @@ def test_held_out_mape_counts_only_once_every_held_out_model_has_data(good_val):
     assert d.stop and "validation_coverage" not in d.criteria
     d = stop_rule(good_val, gpu_seconds_spent=0, budget_gpu_seconds=None, iteration=1, max_iterations=5,
                   heldout_models=("qwen3-14b", "codellama-34b"))
-    assert not d.stop and d.criteria["validation_coverage"]["met"] is False
+    assert not d.stop and d.criteria["validation_coverage"].met is False
     assert "no held-out data on codellama-34b yet" in d.reason
 
 

@@ -1,4 +1,4 @@
-"""MLflow tracking (tasks/track.py), coefficient export (rooflab/export.py) and their CLI commands."""
+"""MLflow tracking (tracking/), coefficient export (rooflab/model/export.py) and their CLI commands."""
 
 import json
 import sys
@@ -12,11 +12,17 @@ if str(ROOT) not in sys.path:  # tasks/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
 from cli.main import main  # noqa: E402
+from rooflab.data.sweep import SweepPoint  # noqa: E402
 from rooflab.data.synthetic import synthetic_steps, with_step_times  # noqa: E402
 from rooflab.errors import InputError  # noqa: E402
 from rooflab.fit.calibration import Options, calibrate  # noqa: E402
 from rooflab.model import export  # noqa: E402
+from rooflab.targeting.candidates import Pick  # noqa: E402
+from rooflab.targeting.stop import StopDecision  # noqa: E402
 from tracking import campaign_runs as track  # noqa: E402
+from tracking.compare import compare  # noqa: E402
+from tracking.metrics import metric_key  # noqa: E402
+from tracking.store import open_tracking, tracking_uri  # noqa: E402
 
 BLIS_DEFAULTS = ROOT.parent / "shared" / "data/real/blis/defaults.yaml"
 
@@ -37,15 +43,18 @@ def calib(steps, tmp_path_factory):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("tracking") / "mlruns"
-    return root, track.client(root)
+    return root, open_tracking(root)
 
 
-def _log(client, parent, it, calib, tmp_path, **kw):
-    args = dict(picks=[{"point": {"model": "llama-3.1-8b", "tp": 2}, "reason": "D-optimal gain 0.8/GPU-s"}],
-                gpu_seconds=1800.0 * (it + 1), stop={"stop": False, "reason": "β5 CV 41% > 30%"},
+PICK = Pick(SweepPoint("llama-3.1-8b", 2, "H100-SXM", "W3", (("rate", 8.0),)), "D-optimal gain 0.8/GPU-s", "beta5",
+            240.0, 1.0)
+
+
+def _log(ts, parent, it, calib, tmp_path, **kw):
+    args = dict(picks=[PICK], gpu_seconds=1800.0 * (it + 1), stop=StopDecision(False, "β5 CV 41% > 30%", {}),
                 artifacts_dir=tmp_path / "artifacts")
     args.update(kw)
-    return track.log_iteration(client, parent, it, calib, **args)
+    return track.log_iteration(ts, parent, it, calib, **args)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -53,15 +62,16 @@ def _log(client, parent, it, calib, tmp_path, **kw):
 
 
 def test_tracking_uri_is_sqlite_under_root(tmp_path):
-    uri = track.tracking_uri(tmp_path / "mlruns")
+    uri = tracking_uri(tmp_path / "mlruns")
     assert uri == f"sqlite:///{(tmp_path / 'mlruns').resolve()}/mlflow.db"
 
 
 def test_start_campaign_twice_gives_one_parent(store):
-    root, client = store
-    p1 = track.start_campaign(client, "resume", params={"budget_gpu_hours": 9.5, "design": {"points": 99}})
-    track.finish_campaign(client, p1, stop_reason="interrupted", summary={}, status="KILLED")
-    p2 = track.start_campaign(client, "resume", params={"budget_gpu_hours": 12, "seed": 3})
+    root, ts = store
+    client = ts.client
+    p1 = track.start_campaign(ts, "resume", params={"budget_gpu_hours": 9.5, "design": {"points": 99}})
+    track.finish_campaign(ts, p1, stop_reason="interrupted", summary={}, status="KILLED")
+    p2 = track.start_campaign(ts, "resume", params={"budget_gpu_hours": 12, "seed": 3})
     assert p1 == p2
     run = client.get_run(p1)
     assert run.info.status == "RUNNING"
@@ -75,11 +85,12 @@ def test_start_campaign_twice_gives_one_parent(store):
 
 
 def test_log_iteration_is_idempotent_and_complete(store, calib, tmp_path):
-    _, client = store
-    parent = track.start_campaign(client, "iter", params={})
-    c0 = _log(client, parent, 0, calib, tmp_path)
-    assert _log(client, parent, 0, calib, tmp_path, gpu_seconds=99.0) == c0  # nothing logged the second time
-    assert track.logged_iterations(client, parent) == {0: c0}
+    _, ts = store
+    client = ts.client
+    parent = track.start_campaign(ts, "iter", params={})
+    c0 = _log(ts, parent, 0, calib, tmp_path)
+    assert _log(ts, parent, 0, calib, tmp_path, gpu_seconds=99.0) == c0  # nothing logged the second time
+    assert track.logged_iterations(ts, parent) == {0: c0}
     run = client.get_run(c0)
     assert run.info.status == "FINISHED"
     t, m, p = run.data.tags, run.data.metrics, run.data.params
@@ -110,43 +121,45 @@ def test_log_iteration_is_idempotent_and_complete(store, calib, tmp_path):
     local = tmp_path / "artifacts" / "iteration_000"
     picks = json.loads((local / "next_points.json").read_text())
     assert picks["picks"][0]["reason"].startswith("D-optimal")
-    assert yaml.safe_load((local / "blis_coefficients.yaml").read_text()) == export.to_blis(calib)
+    assert yaml.safe_load((local / "blis_coefficients.yaml").read_text()) == export.to_blis(calib.to_dict())
     # the parent carries the per-iteration summary
     assert client.get_run(parent).data.metrics["gpu_hours"] == pytest.approx(0.5)
 
 
 def test_half_logged_iteration_is_replaced(store, calib, tmp_path):
-    _, client = store
-    parent = track.start_campaign(client, "crash", params={})
+    _, ts = store
+    client = ts.client
+    parent = track.start_campaign(ts, "crash", params={})
     exp_id = client.get_run(parent).info.experiment_id
     stale = client.create_run(exp_id, tags={"mlflow.parentRunId": parent, "rooflab.role": "iteration",
                                             "rooflab.iteration": "0"}).info.run_id  # crashed mid-logging
-    assert track.logged_iterations(client, parent) == {}
-    c0 = _log(client, parent, 0, calib, tmp_path)
-    assert c0 != stale and track.logged_iterations(client, parent) == {0: c0}
+    assert track.logged_iterations(ts, parent) == {}
+    c0 = _log(ts, parent, 0, calib, tmp_path)
+    assert c0 != stale and track.logged_iterations(ts, parent) == {0: c0}
     assert client.get_run(stale).info.lifecycle_stage == "deleted"
 
 
 def test_compare_one_row_per_iteration(store, calib, tmp_path, capsys):
-    root, client = store
-    a = track.start_campaign(client, "cmp-a", params={})
+    root, ts = store
+    client = ts.client
+    a = track.start_campaign(ts, "cmp-a", params={})
     for it in range(2):
-        _log(client, a, it, calib, tmp_path / "a")
-    track.finish_campaign(client, a, stop_reason="converged: all checks pass", summary={"iterations": 2})
-    b = track.start_campaign(client, "cmp-b", params={})
-    _log(client, b, 0, calib, tmp_path / "b", stop={"stop": True, "reason": "budget spent"})
+        _log(ts, a, it, calib, tmp_path / "a")
+    track.finish_campaign(ts, a, stop_reason="converged: all checks pass", summary={"iterations": 2})
+    b = track.start_campaign(ts, "cmp-b", params={})
+    _log(ts, b, 0, calib, tmp_path / "b", stop=StopDecision(True, "budget spent", {}))
 
-    df = track.compare(root, ["cmp-a", "cmp-b"])
+    df = compare(ts, ["cmp-a", "cmp-b"])
     assert list(zip(df.campaign, df.iteration)) == [("cmp-a", 0), ("cmp-a", 1), ("cmp-b", 0)]
     assert {"beta1", "beta1.lower", "beta1.upper", "beta7", "mape.validation", "gpu_hours",
             "stop_reason"} <= set(df.columns)
     assert df["gpu_hours"].tolist() == pytest.approx([0.5, 1.0, 0.5])
     assert df["beta1"].iloc[0] == pytest.approx(calib.beta.beta[0])
     assert df["stop_reason"].tolist()[1:] == ["β5 CV 41% > 30%", "budget spent"]
-    assert (track.compare(client, ["cmp-b"]).campaign == "cmp-b").all()
-    assert len(track.compare(root)) >= 3
+    assert (compare(ts, ["cmp-b"]).campaign == "cmp-b").all()
+    assert len(compare(ts)) >= 3
     with pytest.raises(InputError, match="no campaign 'nope'"):
-        track.compare(client, ["nope"])
+        compare(ts, ["nope"])
     assert client.get_run(a).info.status == "FINISHED"
     assert client.get_run(a).data.tags["rooflab.stop_reason"] == "converged: all checks pass"
 
@@ -158,17 +171,18 @@ def test_compare_one_row_per_iteration(store, calib, tmp_path, capsys):
 
 
 def test_log_refit_is_a_separate_run(store, calib, tmp_path):
-    _, client = store
-    parent = track.start_campaign(client, "refit", params={})
-    _log(client, parent, 0, calib, tmp_path)
-    rid = track.log_refit(client, "refit", calib, artifacts_dir=tmp_path / "work", reason="data arrived")
+    _, ts = store
+    client = ts.client
+    parent = track.start_campaign(ts, "refit", params={})
+    _log(ts, parent, 0, calib, tmp_path)
+    rid = track.log_refit(ts, "refit", calib, artifacts_dir=tmp_path / "work", reason="data arrived")
     run = client.get_run(rid)
     assert run.info.status == "FINISHED" and run.data.tags["rooflab.role"] == "refit"
     assert run.data.tags["rooflab.reason"] == "data arrived" and "mlflow.parentRunId" not in run.data.tags
     assert run.data.metrics["beta1"] == pytest.approx(calib.beta.beta[0]) and "gpu_hours" not in run.data.metrics
     assert "blis_coefficients.yaml" in {a.path for a in client.list_artifacts(rid)}
-    assert list(track.logged_iterations(client, parent)) == [0]
-    assert track.compare(client, ["refit"])["iteration"].tolist() == [0]
+    assert list(track.logged_iterations(ts, parent)) == [0]
+    assert compare(ts, ["refit"])["iteration"].tolist() == [0]
 
 
 def test_compare_cli_missing_store(tmp_path, capsys):
@@ -179,10 +193,10 @@ def test_compare_cli_missing_store(tmp_path, capsys):
 
 
 def test_metric_key_sanitizes():
-    assert track.metric_key("mape", "context", "<512") == "mape.context.lt512"
-    assert track.metric_key("mape", "context", ">=8K") == "mape.context.ge8K"
-    assert track.metric_key("mape", "batch_size", ">256") == "mape.batch_size.gt256"
-    assert track.metric_key("mape", "model", "org/model:v1") == "mape.model.org_model_v1"
+    assert metric_key("mape", "context", "<512") == "mape.context.lt512"
+    assert metric_key("mape", "context", ">=8K") == "mape.context.ge8K"
+    assert metric_key("mape", "batch_size", ">256") == "mape.batch_size.gt256"
+    assert metric_key("mape", "model", "org/model:v1") == "mape.model.org_model_v1"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,8 +11,10 @@ import yaml
 from rooflab.collect import workloads as W
 from rooflab.collect.spec import (
     CAMPAIGNS_DIR,
+    LoopSettings,
     gpu_seconds,
     load_campaign,
+    parse_campaign,
     static99,
     validate_cron,
 )
@@ -259,10 +261,136 @@ def test_tight_combo_is_a_warning_not_an_error(tmp_path):
 @pytest.mark.parametrize("expr, ok", [("0 3 * * 1", True), ("*/15 0-6,22 1 jan-mar MON-fri", True),
                                       ("0 0 * * 7", True), ("0 3 * * * *", False), ("60 * * * *", False),
                                       ("0 0 0 * *", False), ("0 0 * * 1/0", False), ("5-1 * * * *", False),
-                                      ("@daily", False), ("0 0 L * *", False)])
+                                      ("@daily", False), ("0 0 L * *", True), ("0 0 30 2 *", False)])
 def test_cron_validation(expr, ok):
     if ok:
         assert validate_cron(expr) == expr
     else:
         with pytest.raises(InputError, match="^<cron>: schedule: "):
             validate_cron(expr)
+
+
+# ------------------------------------------------------------------------------------------ typed spec
+@pytest.mark.parametrize("path", sorted(CAMPAIGNS_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_campaigns_load(path):
+    c = load_campaign(path)
+    assert c.name == path.stem and c.candidates() and isinstance(c.loop, LoopSettings)
+    assert {p.key for p in c.design("static99")} <= {p.key for p in c.candidates()}
+
+
+def test_loop_section_defaults_and_overrides(tmp_path, default):
+    from rooflab.model.features import DEFAULT_FORMULAS
+    from rooflab.model.variants import DEFAULT_VARIANT
+
+    assert default.loop == LoopSettings(batch_size=6, max_iterations=4, variant=DEFAULT_VARIANT,
+                                        formulas=DEFAULT_FORMULAS, targeting="d-optimal", n_boot=100,
+                                        replay_stop=False)
+    c = load_campaign(_write(tmp_path, _mutated(lambda d: d.__setitem__(
+        "loop", {"batch_size": 3, "targeting": "menu", "replay_stop": True}))))
+    assert (c.loop.batch_size, c.loop.targeting, c.loop.replay_stop, c.loop.n_boot) == (3, "menu", True, 100)
+    c2 = c.with_loop(max_iterations=9, n_boot=20, targeting=None)  # None keeps the campaign's value
+    assert (c2.loop.max_iterations, c2.loop.n_boot, c2.loop.targeting, c2.loop.batch_size) == (9, 20, "menu", 3)
+    assert c.loop.max_iterations == 4 and c2.spec.loop == c2.loop  # a copy; the original is unchanged
+    assert [p.key for p in c2.candidates()] == [p.key for p in c.candidates()]
+    with pytest.raises(InputError) as ei:
+        c.with_loop(batch_size=0)
+    assert str(ei.value) == f"{c.source}: loop.batch_size: must be >= 1, got 0"
+    with pytest.raises(InputError, match=r": loop\.variant: unknown variant 'nope'"):
+        default.with_loop(variant="nope")
+    with pytest.raises(InputError, match=r": loop\.bogus: unknown field \(known: batch_size, "):
+        default.with_loop(bogus=1)
+
+
+def _set(key, value):
+    return _mutated(lambda d: d.__setitem__(key, value))
+
+
+@pytest.mark.parametrize("doc, field, problem", [
+    (_set("loop", {"variant": "roofline9"}), "loop.variant", "unknown variant 'roofline9'"),
+    (_set("loop", {"batch_size": 0}), "loop.batch_size", "must be >= 1"),
+    (_set("loop", {"max_iterations": 0}), "loop.max_iterations", "must be >= 1"),
+    (_set("loop", {"targeting": "greedy"}), "loop.targeting", "expected one of d-optimal, menu, random"),
+    (_set("loop", {"formulas": "exact"}), "loop.formulas", "unknown formulas 'exact'"),
+    (_set("loop", {"n_boot": 1}), "loop.n_boot", "must be >= 2"),
+    (_set("loop", {"replay_stop": "yes"}), "loop.replay_stop", "expected true or false"),
+    (_set("loop", {"batch": 4}), "loop.batch", "unknown field (known: batch_size, max_iterations"),
+    (_set("duration_s", math.inf), "duration_s", "expected an integer, got inf"),
+    (_set("duration_s", 1e8), "duration_s", "must be <= 86400"),
+    (_set("duration_s", 12.5), "duration_s", "expected an integer"),
+    (_set("replicates", 0), "replicates", "must be >= 1"),
+    (_set("replicates", -2), "replicates", "must be >= 1"),
+    (_set("replicates", 1e20), "replicates", "must be <= 100"),
+    (_set("replicates", True), "replicates", "expected an integer, got True"),
+    (_set("seed", -1), "seed", "must be >= 0"),
+    (_set("seed", 2**32), "seed", "must be < 4294967296"),
+    (_set("budget_gpu_hours", math.inf), "budget_gpu_hours", "expected a finite number, got inf"),
+    (_set("budget_gpu_hours", 2e6), "budget_gpu_hours", "must be <= 1000000"),
+    (_mutated(lambda d: d["families"]["W3"].__setitem__("rate", [1, math.nan])), "families.W3.rate[1]",
+     "expected a finite number, got nan"),
+    (_mutated(lambda d: d["families"]["W1"].__setitem__("rate", -0.5)), "families.W1.rate", "must be > 0"),
+    (_mutated(lambda d: d["families"]["W3"].__setitem__("rate", [1, 100000])), "families.W3.rate[1]",
+     "more than 1000000 per run"),
+    (_mutated(lambda d: d["collection"].__setitem__("timeout_s", 0)), "collection.timeout_s", "must be > 0"),
+    (_mutated(lambda d: d["collection"].__setitem__("timeout_s", 8 * 86400)), "collection.timeout_s",
+     "must be <= 604800"),
+    (_mutated(lambda d: d["collection"].__setitem__("timeout_s", math.inf)), "collection.timeout_s", "finite"),
+    (_mutated(lambda d: d["collection"].__setitem__("concurrency", 0)), "collection.concurrency", "must be >= 1"),
+    (_mutated(lambda d: d["collection"].__setitem__("concurrency", 257)), "collection.concurrency", "must be <= 256"),
+    (_mutated(lambda d: d["collection"].__setitem__("max_retries", 21)), "collection.max_retries", "must be <= 20"),
+    (_mutated(lambda d: d["engine"].__setitem__("max_num_seqs", 0)), "engine.max_num_seqs", "must be >= 1"),
+    (_mutated(lambda d: d["engine"].__setitem__("max_model_len", 10**8)), "engine.max_model_len", "must be <="),
+    (_mutated(lambda d: d["engine"].__setitem__("max_num_batched_tokens", "abc")), "engine.max_num_batched_tokens",
+     "expected an integer, got 'abc'"),
+    (_mutated(lambda d: d["engine"].__setitem__("gpu_memory_utilization", 1.5)), "engine.gpu_memory_utilization",
+     "must be <= 1"),
+    (_mutated(lambda d: d["engine"].__setitem__("gpu_memory_utilization", math.nan)),
+     "engine.gpu_memory_utilization", "finite"),
+    (_set("schedule", "0 0 30 2 *"), "schedule", "day of month field '30'"),
+    (_set("schedule", "0 3 * * * *"), "schedule", "expected 5 fields"),
+    (_mutated(lambda d: d["models"][0].__setitem__("tp", [1, "x"])), "models[0].tp[1]", "expected an integer, got 'x'"),
+    (_mutated(lambda d: d["models"].append({"model": "llama-3.1-8b", "tp": 2})), "models[5].tp", "listed twice"),
+    (_set("endpoint", {"kind": "magic"}), "endpoint.kind", "expected one of twin, external, command, vllm"),
+    (_set("endpoint", {"kind": "twin", "accel": 7}), "endpoint.accel", "whole number of seconds"),
+    (_mutated(lambda d: d["designs"].__setitem__("x", {"points": [
+        {"model": "llama-3.1-8b", "tp": 1, "family": "W1", "input_tokens": 100}]})),
+     "designs.x.points[0].input_tokens", "100 is not an allowed W1 value"),
+])
+def test_bounds_and_loop_errors_are_one_line(tmp_path, doc, field, problem):
+    path = _write(tmp_path, doc)
+    with pytest.raises(InputError) as ei:
+        load_campaign(path)
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith(f"{path}: {field}: "), msg
+    assert problem in msg, msg
+
+
+def test_cron_error_comes_from_cronsim():
+    with pytest.raises(InputError) as ei:
+        validate_cron("0 25 * * *")
+    assert str(ei.value) == "<cron>: schedule: '0 25 * * *': hour field '25' is invalid (Bad hour)"
+    with pytest.raises(InputError, match=r"^c\.yaml: schedule: expected a string, got 5$"):
+        parse_campaign(_set("schedule", 5), source="c.yaml")
+    assert validate_cron("0  3 * * 1") == "0 3 * * 1"
+    assert parse_campaign(_set("schedule", "*/30  2 * * mon"), source="c.yaml").schedule == "*/30 2 * * mon"
+
+
+def test_typed_spec_defaults_are_declared_once():
+    from rooflab.collect.spec import (
+        ENGINE_DEFAULTS,
+        CampaignSpec,
+        Collection,
+        EngineSettings,
+    )
+
+    doc = {"name": "tiny", "models": [{"model": "llama-3.1-8b", "tp": 1}],
+           "families": {"W3": {"rate": [1, 4], "input_tokens": 128, "output_tokens": 32}},
+           "validation": {"points": []}, "engine": {"max_model_len": 4096}}
+    c = parse_campaign(doc, source="tiny.yaml")
+    assert c.spec == CampaignSpec.model_validate(doc) and c.hardware == "H100-SXM"
+    assert (c.duration_s, c.replicates, c.seed, c.budget_gpu_hours, c.schedule) == (120.0, 1, 0, None, None)
+    assert c.collection == Collection() and c.endpoint.kind == "twin" and c.endpoint.accel == 20.0
+    assert c.engine == {**ENGINE_DEFAULTS, "max_model_len": 4096} and ENGINE_DEFAULTS == EngineSettings().model_dump()
+    assert c.engine_config().max_model_len == 4096 and c.loop == LoopSettings()
+    # static99 keeps the seed's W3 rates the campaign allows ({1, 8, 32, 64, 128} ∩ {1, 4}), nothing held out
+    assert list(c.designs) == ["static99"] and [p.param("rate") for p in static99(c)] == [1.0]
+

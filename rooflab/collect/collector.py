@@ -1,4 +1,5 @@
-"""The collector: runs sweep points into the data store, idempotently (SPEC §4, §11).
+"""The collector: runs sweep points into the data store, idempotently (docs/spec.md §4, §11). It is the one
+owner of retries and concurrency.
 
 run id = hash(campaign, sweep point, replicate). A complete run (manifest status ok/saturated) is never
 re-run; an interrupted one (folder without manifest) is cleared and redone; a failed one is retried up
@@ -6,19 +7,76 @@ to ``max_retries`` attempts in total (across invocations — the manifest keeps 
 when the failure is transient (timeout, server exit) — a deterministic failure (all requests rejected,
 bad config) is recorded once with its reason. Every finished run gets step-level and run-level
 saturation routing in its manifest.
+
+Runs go through a :class:`RunExecutor`: by default a thread pool in this process; the Prefect flow passes one
+that submits each run as a Prefect task (``tasks/launch.py``), so the UI shows every run, while the retry and
+concurrency policy stays here.
 """
 
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 from rooflab.collect.launchers import RunResult, one_line
-from rooflab.data.store import COMPLETE, Store
+from rooflab.data.saturation import route_run, route_steps, routing_counts
+from rooflab.data.store import COMPLETE, RunDir, Store
 from rooflab.data.sweep import SweepPoint, run_id
+
+Manifest = dict[str, Any]
+
+
+class Launcher(Protocol):
+    """Turns a sweep point into a finished run in its run folder. Owned here, by the collector that calls it;
+    implemented by the direct launcher (twin fast mode) and the inference-perf launcher."""
+
+    name: str
+
+    def run(self, point: SweepPoint, rd: RunDir) -> RunResult: ...
+
+    def close(self) -> None:
+        """Release what the launcher started (servers)."""
+        ...
+
+
+@dataclass(frozen=True)
+class RunJob:
+    """One run to bring to a final state: everything a worker needs, nothing it must share."""
+
+    store_root: str
+    launcher: Launcher
+    campaign: str
+    run_id: str
+    point: SweepPoint
+    replicate: int
+    max_retries: int
+
+
+class ResultHandle(Protocol):
+    def result(self) -> Manifest | None: ...
+
+
+class RunExecutor(Protocol):
+    """Executes :class:`RunJob`s (:func:`execute`); ``submit`` returns a handle whose ``result()`` waits."""
+
+    def submit(self, job: RunJob) -> ResultHandle: ...
+
+
+class ThreadExecutor:
+    """Runs jobs on a thread pool of this process (the default)."""
+
+    def __init__(self, workers: int = 1):
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers))
+
+    def submit(self, job: RunJob) -> Future[Manifest | None]:
+        return self.pool.submit(execute, job)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True)
 
 
 @dataclass
@@ -28,21 +86,19 @@ class Progress:
     skipped: int = 0  # already complete in the store
     failed: int = 0
     gpu_seconds: float = 0.0
-    runs: list = field(default_factory=list)  # manifests written this call
+    runs: list[Manifest] = field(default_factory=list)  # manifests written this call
 
     @property
     def remaining(self) -> int:
         return self.total - self.done - self.skipped - self.failed
 
 
-def plan(store: Store, campaign: str, points: list[SweepPoint], replicates: int = 1) -> list[tuple]:
+def plan(campaign: str, points: list[SweepPoint], replicates: int = 1) -> list[tuple[str, SweepPoint, int]]:
     """(run_id, point, replicate) for every run of the design, in design order."""
     return [(run_id(campaign, p, r), p, r) for p in points for r in range(replicates)]
 
 
-def _routing(result: RunResult) -> tuple[dict, bool]:
-    from rooflab.data.saturation import route_run, route_steps, routing_counts
-
+def _routing(result: RunResult) -> tuple[dict[str, Any], bool]:
     step_routing = route_steps(result.steps) if result.steps is not None and len(result.steps) else None
     if result.requests is None or not len(result.requests):
         return {"steps": step_routing.counts() if step_routing else {}}, False
@@ -51,9 +107,10 @@ def _routing(result: RunResult) -> tuple[dict, bool]:
     return {"run": run_routing.to_dict(), "counts": counts}, bool(run_routing.saturated)
 
 
-def run_one(store: Store, launcher, campaign: str, rid: str, point: SweepPoint, replicate: int, *,
-            max_retries: int = 2) -> dict | None:
-    """Bring one run to a final state in the store; returns the manifest written (None if untouched)."""
+def run_one(store: Store, launcher: Launcher, campaign: str, rid: str, point: SweepPoint, replicate: int, *,
+            max_retries: int = 2) -> Manifest | None:
+    """Bring one run to a final state in the store, retrying transient failures up to ``max_retries``
+    attempts in total; returns the manifest written (None if untouched: complete, or failed for good)."""
     status = store.status(rid)
     if status in COMPLETE:
         return None
@@ -81,19 +138,26 @@ def run_one(store: Store, launcher, campaign: str, rid: str, point: SweepPoint, 
                 status = "saturated"
         manifest = store.finish(rd, point=point, campaign=campaign, replicate=replicate, attempt=attempt,
                                 status=status, reason=result.reason, steps=result.steps, requests=result.requests,
-                                gpu_seconds=result.gpu_seconds, launcher=getattr(launcher, "name", ""),
+                                gpu_seconds=result.gpu_seconds, launcher=launcher.name,
                                 engine=result.engine, started_at=started, extra=extra)
         if status != "failed" or not result.transient:
             break
     return manifest
 
 
-def collect(store: Store, launcher, campaign: str, points: list[SweepPoint], *, replicates: int = 1,
-            concurrency: int = 1, max_retries: int = 2,
+def execute(job: RunJob) -> Manifest | None:
+    """Run one job (what a worker executes): :func:`run_one` on the job's store."""
+    return run_one(Store(job.store_root), job.launcher, job.campaign, job.run_id, job.point, job.replicate,
+                   max_retries=job.max_retries)
+
+
+def collect(store: Store, launcher: Launcher, campaign: str, points: list[SweepPoint], *, replicates: int = 1,
+            concurrency: int = 1, max_retries: int = 2, executor: RunExecutor | None = None,
             on_progress: Callable[[Progress], None] | None = None,
-            on_run: Callable[[dict], None] | None = None) -> Progress:
-    """Run every (point, replicate) not yet complete. Safe to interrupt and call again."""
-    todo = plan(store, campaign, points, replicates)
+            on_run: Callable[[Manifest], None] | None = None) -> Progress:
+    """Run every (point, replicate) not yet complete, at most ``concurrency`` at a time. Safe to interrupt and
+    call again."""
+    todo = plan(campaign, points, replicates)
     progress = Progress(total=len(todo))
     lock = threading.Lock()
     pending = []
@@ -101,16 +165,14 @@ def collect(store: Store, launcher, campaign: str, points: list[SweepPoint], *, 
         if store.status(rid) in COMPLETE:
             progress.skipped += 1
         else:
-            pending.append((rid, p, r))
+            pending.append(RunJob(str(Path(store.root)), launcher, campaign, rid, p, r, max_retries))
     if on_progress:
         on_progress(progress)
 
-    def account(manifest):
+    def account(manifest: Manifest | None) -> None:
         with lock:
-            if manifest is None:
-                progress.failed += 1  # failed earlier and out of retries (or not retryable)
-            elif manifest["status"] == "failed":
-                progress.failed += 1
+            if manifest is None or manifest["status"] == "failed":
+                progress.failed += 1  # failed now, or earlier and out of retries (or not retryable)
             else:
                 progress.done += 1
             if manifest is not None:
@@ -121,13 +183,14 @@ def collect(store: Store, launcher, campaign: str, points: list[SweepPoint], *, 
         if on_progress:
             on_progress(progress)
 
-    if concurrency <= 1:
-        for rid, p, r in pending:
-            account(run_one(store, launcher, campaign, rid, p, r, max_retries=max_retries))
-    else:
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            futures = [pool.submit(run_one, store, launcher, campaign, rid, p, r, max_retries=max_retries)
-                       for rid, p, r in pending]
-            for f in as_completed(futures):
-                account(f.result())
+    own = executor is None
+    ex: RunExecutor = ThreadExecutor(concurrency) if executor is None else executor
+    try:
+        step = max(1, concurrency)
+        for i in range(0, len(pending), step):
+            for handle in [ex.submit(job) for job in pending[i:i + step]]:
+                account(handle.result())
+    finally:
+        if own and isinstance(ex, ThreadExecutor):
+            ex.shutdown()
     return progress

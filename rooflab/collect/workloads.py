@@ -1,4 +1,4 @@
-"""The workload library (SPEC §3): inference-perf config templates under ``workloads/`` and their families.
+"""The workload library (docs/spec.md §3): inference-perf config templates under ``workloads/`` and their families.
 
 Families and their parameter grids (the seed's static plan; a campaign may allow more values):
 
@@ -279,7 +279,7 @@ def _default_config_dump() -> dict:
 
 
 def check_corrections(cfg: dict, source: str) -> None:
-    """rooflab's corrections to the seed's configs (SPEC §3), enforced on every rendered config."""
+    """rooflab's corrections to the seed's configs (docs/spec.md §3), enforced on every rendered config."""
     def get(path):
         node = cfg
         for k in path.split("."):

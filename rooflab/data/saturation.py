@@ -1,4 +1,4 @@
-"""Saturation routing (SPEC §6). A saturated step mixes GPU physics with scheduler policy (cache
+"""Saturation routing (docs/spec.md §6). A saturated step mixes GPU physics with scheduler policy (cache
 pressure, recompute), so it is kept out of the β fit — and kept for α fitting and simulator validation.
 
 Two levels: :func:`route_steps` (per step: KV usage, preemptions) and :func:`route_run` (per run, post-hoc
@@ -45,7 +45,7 @@ def route_steps(steps: pd.DataFrame, kv_limit: float = KV_USAGE_LIMIT) -> StepRo
 
 
 # ---------------------------------------------------------------------------------------------------
-# Run level (SPEC §6): post-hoc, from a run's request table alone — no coefficients needed.
+# Run level (docs/spec.md §6): post-hoc, from a run's request table alone — no coefficients needed.
 #
 # Each check returns ``{"flag", "value", "threshold", "available", ...}``; a check whose inputs are
 # missing (all-NaN timestamps, no preemption counts, too few requests) is *not available* and never flags.
@@ -223,10 +223,10 @@ class RunRouting:
 
 
 def route_run(requests: pd.DataFrame, *, failures: int | None = None) -> RunRouting:
-    """Run-level saturation (SPEC §6): five post-hoc checks on the run's request table; ≥ 2 flags =
+    """Run-level saturation (docs/spec.md §6): five post-hoc checks on the run's request table; ≥ 2 flags =
     saturated. ``failures``: the run's failure count from another source (see :func:`check_failure_rate`)."""
     if not isinstance(requests, pd.DataFrame):
-        raise TypeError("requests must be a DataFrame (the request table, SPEC §2)")
+        raise TypeError("requests must be a DataFrame (the request table, docs/spec.md §2)")
     flags = {
         "failure_rate": check_failure_rate(requests, failures),
         "queue_growth": check_queue_growth(requests),
@@ -238,7 +238,7 @@ def route_run(requests: pd.DataFrame, *, failures: int | None = None) -> RunRout
 
 
 def routing_counts(step_routing: StepRouting | None, run_routing: RunRouting, n_requests: int) -> dict:
-    """How many steps and requests of one run went to each set (SPEC §6).
+    """How many steps and requests of one run went to each set (docs/spec.md §6).
 
     Requests are routed per run: all of a saturated run's requests go to the saturated set. Steps are
     routed per step (KV > 95% or a preemption), and a saturated run sends all its steps to the saturated

@@ -1,4 +1,4 @@
-"""The data store (SPEC §2, §11): one folder per run, a manifest written last and atomically.
+"""The data store (docs/spec.md §2, §11): one folder per run, a manifest written last and atomically.
 
 Layout::
 
@@ -210,3 +210,21 @@ class Store:
     def iterations(self, campaign: str) -> list[dict]:
         d = self._plans_dir(campaign)
         return [json.loads(p.read_text()) for p in sorted(d.glob("iteration-*.json"))] if d.is_dir() else []
+
+    def collected_keys(self, campaign: str) -> set[str]:
+        """Keys of the points ``campaign`` has a manifest for (failed ones too: never picked again)."""
+        return {SweepPoint.from_dict(m["point"]).key for m in self.manifests() if m["campaign"] == campaign}
+
+
+@dataclass(frozen=True)
+class StorePlans:
+    """A campaign's iteration plans in the data store (the campaign loop's plan book)."""
+
+    store: Store
+    campaign: str
+
+    def plans(self) -> list[dict]:
+        return self.store.iterations(self.campaign)
+
+    def save(self, iteration: int, plan: dict) -> None:
+        self.store.save_iteration(self.campaign, iteration, plan)

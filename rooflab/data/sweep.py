@@ -1,4 +1,4 @@
-"""Sweep points: one experiment run's definition (SPEC §3).
+"""Sweep points: one experiment run's definition (docs/spec.md §3).
 
 A sweep point = (model, TP, hardware, workload family, parameter values, duration, seed), plus the split
 it serves (training or held-out validation). Its ``key`` is canonical JSON, so the run id derived from

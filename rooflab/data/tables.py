@@ -1,4 +1,4 @@
-"""The step and request tables (SPEC §2) and their checks.
+"""The step and request tables (docs/spec.md §2) and their checks.
 
 steps — one row per scheduler step. Columns (``STEP_COLUMNS``): identity and setting (run_id, step_id,
 model, tp, hardware), the fit target ``step_time_us`` (the cycle time, or a measured step end − start; NaN

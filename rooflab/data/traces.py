@@ -136,7 +136,7 @@ def read_real_trace(name: str | Path, root=None, prefix: str = "prompt") -> Trac
 def trace_from_request_table(table: pd.DataFrame, *, run_id: str, model: str, tp: int, hardware: str,
                              engine: dict, source: str = "", split: str | None = None,
                              workload: str | None = None) -> Trace:
-    """A rooflab request table (SPEC §2; data store runs): measured TTFT = first_token − arrived, E2E =
+    """A rooflab request table (docs/spec.md §2; data store runs): measured TTFT = first_token − arrived, E2E =
     departed − arrived (the server's API clock)."""
 
     t = validate_requests(table, source or run_id)

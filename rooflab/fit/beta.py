@@ -1,4 +1,4 @@
-"""Fitting β (step time) and α (request overheads), SPEC §7.
+"""Fitting β (step time) and α (request overheads), docs/spec.md §7.
 
 β: bounded least squares with relative-error weighting and a Gaussian prior toward 1 on the
 efficiency corrections, both in the same dimensionless units::

@@ -19,6 +19,7 @@ from rooflab.fit.residuals import (
     specification_tests,
     summary,
 )
+from rooflab.model.coefficients import Coefficients
 from rooflab.model.features import DEFAULT_FORMULAS, featurize
 from rooflab.model.variants import DEFAULT_VARIANT, get_variant
 
@@ -48,8 +49,21 @@ class Calibration:
     plots: list[Path] = field(default_factory=list)
 
     @property
+    def health_overall(self) -> str:
+        return overall(self.health)
+
+    @property
     def hotspots(self) -> pd.DataFrame:
         return self.residuals[self.residuals["hotspot"]]
+
+    def coefficients(self) -> Coefficients:
+        """The fitted coefficient set (point estimates) to predict with."""
+        a = self.alpha
+        fitted = a.alpha is not None
+        return Coefficients({n: float(v) for n, v in self.beta.coefficients().items()},
+                            tuple(float(x) for x in a.alpha) if fitted else (0.0, 0.0, 0.0),  # type: ignore[union-attr]
+                            self.beta.variant.name, self.beta.formulas, "calibration", fitted,
+                            [] if fitted else [f"α not fitted: replayed with α = 0 ({a.reason})"])
 
     def to_dict(self) -> dict:
         return {

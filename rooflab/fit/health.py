@@ -1,4 +1,4 @@
-"""β health checks (SPEC §8): every row of the table gives pass / warn / fail, the number behind it and
+"""β health checks (docs/spec.md §8): every row of the table gives pass / warn / fail, the number behind it and
 the suggested action."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _scaled_design(X: np.ndarray, y: np.ndarray, cols: np.ndarray, seed: int = 0
 
 
 def check_health(fit: BetaFit, X: np.ndarray, y: np.ndarray) -> list[Check]:
-    """Run every SPEC §8 check on a fit. ``X``/``y`` are the design matrix and step times it was fitted on."""
+    """Run every docs/spec.md §8 check on a fit. ``X``/``y`` are the design matrix and step times it was fitted on."""
     terms = fit.variant.terms
     names = fit.names
     X = np.asarray(X, dtype=np.float64)

@@ -12,7 +12,7 @@ Two loops:
    every step from the one it queued during (the fraction still to run) to the one that produced its first
    token, times β; its E2E adds the steps to its last token and α1 + α2·n_out. Stacking these sums for all
    requests of all training runs gives a bounded least-squares problem in relative error — per-request
-   TTFT and E2E, every run weighted equally, the Gaussian prior of SPEC §7 toward 1 on β1–β5 — solved
+   TTFT and E2E, every run weighted equally, the Gaussian prior of docs/spec.md §7 toward 1 on β1–β5 — solved
    exactly like the step-level fit. Re-replaying with the solution and solving again (a fixed-point
    iteration) lets the compositions follow the coefficients (bigger batches when steps get slower).
 2. **Derivative-free polish (outer).** Nelder–Mead on the true replay objective (what the linearisation
@@ -42,7 +42,7 @@ from rooflab.model.variants import DEFAULT_VARIANT, get_variant
 from rooflab.replay.metrics import compare
 from rooflab.replay.predict import replay
 
-PHYSICAL = (0.3, 5.0)  # SPEC §1: β1–β5 are efficiency corrections, physically ~0.3 … ~5
+PHYSICAL = (0.3, 5.0)  # docs/spec.md §1: β1–β5 are efficiency corrections, physically ~0.3 … ~5
 # α upper bounds (µs, µs, µs/token): an API overhead under 1 s; a post-decode overhead under 20 ms; detokenising
 # and streaming under 100 µs per output token (BLIS's shipped values: 15.6 ms, 0.78 ms, 46 µs/token). Without
 # them α1 + α2·n_out trades against the decode steps (β2, β6): on the real runs α went to 100 ms + 1 ms/token
@@ -186,7 +186,7 @@ def fit_stacked(designs: list[dict], start: Coefficients, *, prior_strength: flo
     free = np.array([fit_beta] * p + [fit_alpha] * 3)
     lo = np.array([PHYSICAL[0] if t.prior is not None else 0.0 for t in variant.terms] + [0.0] * 3)
     hi = np.array([PHYSICAL[1] if t.prior is not None else np.inf for t in variant.terms] + list(ALPHA_MAX))
-    # prior rows (SPEC §7: same units as the data term)
+    # prior rows (docs/spec.md §7: same units as the data term)
     if fit_beta and prior_strength > 0:
         for j, t in enumerate(variant.terms):
             if t.prior is not None:

@@ -1,4 +1,4 @@
-"""Residual diagnostics (SPEC §8): MAPE and median APE per bucket (model, phase mix, batch size, context
+"""Residual diagnostics (docs/spec.md §8): MAPE and median APE per bucket (model, phase mix, batch size, context
 length, TP, workload family, run), hotspots (> 15% MAPE), run-level influence, and residual plots."""
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def plot_residuals(steps: pd.DataFrame, y: np.ndarray, pred: np.ndarray, table: 
 
 def specification_tests(steps: pd.DataFrame, y: np.ndarray, pred: np.ndarray, *, min_steps: int = 5,
                         min_cells: int = 8) -> dict:
-    """RESET and Breusch–Pagan on run-level aggregates (SPEC §8), judged by effect size.
+    """RESET and Breusch–Pagan on run-level aggregates (docs/spec.md §8), judged by effect size.
 
     Cells are (run, phase mix, batch-size bucket) with at least ``min_steps`` steps; each contributes its
     mean measured and mean predicted step time. With 1e5 steps every p-value is ~0, so each test reports

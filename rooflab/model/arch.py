@@ -16,7 +16,7 @@ from pathlib import Path
 from rooflab.errors import InputError
 from rooflab.paths import CONFIGS_DIR
 
-# Fields naming the routed-expert count, in BLIS's resolution order (FORMULAS.md §3).
+# Fields naming the routed-expert count, in BLIS's resolution order (docs/formulas.md §3).
 _EXPERT_COUNT_FIELDS = ("num_experts", "moe_num_experts", "n_routed_experts", "num_local_experts")
 # Fields describing attention variants rooflab's formulas do not cover: refusing beats a wrong number.
 _UNSUPPORTED_FIELDS = {
@@ -41,7 +41,7 @@ class MLA:
 
 @dataclass(frozen=True)
 class ModelArch:
-    """Everything the step-time features need to know about a model (FORMULAS.md §3 symbols)."""
+    """Everything the step-time features need to know about a model (docs/formulas.md §3 symbols)."""
 
     name: str
     source: str
@@ -110,7 +110,7 @@ def _weight_bytes(cfg: dict, top: dict, source: str) -> float:
 
 
 def _moe_layer_count(cfg: dict, L: int, source: str) -> int:
-    """L_moe under the layer-placement rule of the model family (FORMULAS.md §3)."""
+    """L_moe under the layer-placement rule of the model family (docs/formulas.md §3)."""
     deepseek_style = any(k in cfg for k in ("first_k_dense_replace", "moe_layer_freq"))
     qwen_style = any(k in cfg for k in ("decoder_sparse_step", "mlp_only_layers"))
     llama4_style = "interleave_moe_layer_step" in cfg

@@ -4,7 +4,7 @@ Everything works on the dict form of a calibration (``Calibration.to_dict()``, w
 ``rooflab fit --out`` writes, plus its extras); a :class:`~rooflab.fit.calibration.Calibration` object is
 converted with ``to_dict()`` first, so there is one implementation.
 
-BLIS (``trained-physics`` step time, FORMULAS.md §7) takes 3 α and 11 β, in this order in
+BLIS (``trained-physics`` step time, docs/formulas.md §7) takes 3 α and 11 β, in this order in
 ``trained_physics_coefficients.beta_coeffs`` of its ``defaults.yaml``. rooflab's roofline7 has 7 β
 (``roofline7+layers`` adds β_layer). The mapping:
 
@@ -33,7 +33,7 @@ idx   BLIS     BLIS meaning                         unit       rooflab source (n
 
 TP communication: BLIS's β4 multiplies the all-reduce bytes over *HBM* bandwidth (the PR's form, which
 rooflab's ``design`` formulas keep). rooflab's ``vllm`` formulas put the bytes over the GPU link plus
-2(TP−1) hops of link latency per all-reduce (FORMULAS.md §4.5, physical). Exporting a ``vllm`` fit
+2(TP−1) hops of link latency per all-reduce (docs/formulas.md §4.5, physical). Exporting a ``vllm`` fit
 converts the bandwidth part: β4 = β5 × HBM / link bandwidth of the fit's hardware (H100-SXM: × 7.44).
 The latency part has no BLIS slot and is left out; the YAML says so.
 

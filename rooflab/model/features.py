@@ -1,10 +1,10 @@
-"""The physics features of the corrected roofline (SPEC §1, FORMULAS.md §4), vectorized over steps.
+"""The physics features of the corrected roofline (docs/spec.md §1, docs/formulas.md §4), vectorized over steps.
 
 Every feature is the time (µs) the step's work would take at 100% of datasheet peak, per GPU (per TP
 rank). Two formula sets:
 
-* ``design`` — exactly the seed design's formulas (FORMULAS.md §4 "as the PR states them");
-* ``vllm`` (default) — the vLLM-faithful refinement of FORMULAS.md §9: expected distinct experts over
+* ``design`` — exactly the seed design's formulas (docs/formulas.md §4 "as the PR states them");
+* ``vllm`` (default) — the vLLM-faithful refinement of docs/formulas.md §9: expected distinct experts over
   tokens, the MLA compute-friendly prefill path with the kv_b up-projection, replicated MLA
   ``fused_qkv_a`` and latent cache, replicated KV heads when ``H_kv < TP``, LM head and router, exact
   causal pairs from pre-step ``num_computed_tokens``, fp8 GEMMs at the fp8 peak.
@@ -227,7 +227,7 @@ def compute_features(s: Setting, agg: dict | pd.DataFrame) -> dict[str, np.ndarr
 
 
 def _allreduce_us(s: Setting, T: np.ndarray) -> np.ndarray:
-    """Physical TP all-reduce time (FORMULAS.md §4.5 "physical", the α-β model of a ring): 2 all-reduces
+    """Physical TP all-reduce time (docs/formulas.md §4.5 "physical", the α-β model of a ring): 2 all-reduces
     per layer of M = T·d·b_act bytes, each moving 2·(TP−1)/TP·M per GPU over the interconnect (per
     direction) after 2·(TP−1) hops of the link latency. ``F_tp_link`` without the latency is the worked
     example's ``F_tp_nvlink_ring``."""

@@ -15,7 +15,7 @@ from rooflab.model.features import Setting, compute_features, expert_weight_byte
 class FittedStepTimer:
     """``StepTimer`` of a coefficient set for one (model, TP, GPU): per-step features from scalar constants.
 
-    Every feature of SPEC §1 is linear in the step's aggregates except the two roofline ``max``es and the
+    Every feature of docs/spec.md §1 is linear in the step's aggregates except the two roofline ``max``es and the
     expected distinct experts; the linear maps are read off :func:`rooflab.model.features.compute_features` at
     unit aggregates, so the timer and the fit use one implementation of the formulas."""
 

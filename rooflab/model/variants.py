@@ -5,7 +5,7 @@ Declaration order matters in one case: when two prior-free terms have proportion
 (the per-step constant and β_L·L when all steps share one layer count), the fit cannot tell them apart,
 so the later-declared, more specific term takes the shared effect and the earlier one is held at 0 —
 reported as a tie, never decided silently by the solver.
-``roofline7`` is exactly SPEC §1; ``roofline7+layers`` adds a per-layer overhead term β_L·L, which the
+``roofline7`` is exactly docs/spec.md §1; ``roofline7+layers`` adds a per-layer overhead term β_L·L, which the
 seed folded into β7 and which cross-model transfer may need.
 """
 

@@ -4,6 +4,7 @@ campaign's optional replay stop criterion, the validate flow)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -12,34 +13,23 @@ from rooflab.data.traces import read_store_trace
 from rooflab.errors import InputError
 from rooflab.model.coefficients import (
     Coefficients,
-    coefficients_from_doc,
     load_coefficients,
 )
 from rooflab.replay.metrics import METRICS, compare
 from rooflab.replay.predict import replay
 
 
-def as_coefficients(coefficients) -> Coefficients:
-    """A :class:`Coefficients` from itself, a file path, a ``Calibration`` or a fit-result dict."""
-    if isinstance(coefficients, Coefficients):
-        return coefficients
-    if isinstance(coefficients, (str, Path)):
-        return load_coefficients(coefficients)
-    if hasattr(coefficients, "to_dict"):
-        coefficients = coefficients.to_dict()
-    return coefficients_from_doc(coefficients, "coefficients")
-
-
-def store_replay_error(store, coefficients, *, campaign: str | None = None, split: str | None = "validation",
-                       runs=None, metric: str = "mean_ape") -> dict:
+def store_replay_error(store: Store | str | Path, coefficients: Coefficients | str | Path, *,
+                       campaign: str | None = None, split: str | None = "validation", runs: list[str] | None = None,
+                       metric: str = "mean_ape") -> dict[str, Any]:
     """Replay the data store's runs (those of ``split``, or the ``runs`` given) with ``coefficients`` and
     report the held-out request-level error: per run :func:`compare`, and the median over runs of
     ``metric`` (default: APE of the run's mean) for TTFT, ITL and E2E (NaN when there is no such run).
 
-    ``coefficients``: :class:`Coefficients`, a coefficients/fit file, a ``Calibration`` or its dict."""
+    ``coefficients``: :class:`Coefficients` (``Calibration.coefficients()``) or a coefficients / fit file."""
 
     st = store if isinstance(store, Store) else Store(store)
-    coefs = as_coefficients(coefficients)
+    coefs = coefficients if isinstance(coefficients, Coefficients) else load_coefficients(coefficients)
     if runs is None:
         table = st.runs(campaign=campaign, split=split)
         runs = table["run_id"].tolist()

@@ -17,7 +17,7 @@ from rooflab.data.sweep import SweepPoint
 from rooflab.fit.residuals import BATCH_BINS
 from rooflab.model.arch import load_model
 
-HOTSPOT_DIMENSIONS = ("model", "phase_mix", "batch_size", "context", "tp", "workload")  # SPEC §8; not run_id
+HOTSPOT_DIMENSIONS = ("model", "phase_mix", "batch_size", "context", "tp", "workload")  # docs/spec.md §8; not run_id
 HOTSPOT_SPLITS = ("train", "validation")  # saturated steps are never fitted
 # target rules
 VALIDATION_SHARE = 0.20

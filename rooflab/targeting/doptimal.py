@@ -1,7 +1,7 @@
 """Information-optimal targeting (docs/spec.md §9): pick the next sweep points that most reduce β uncertainty per
 predicted GPU-second. Pure Python.
 
-**Score** — D-optimal gain ``log det(M + M_c) − log det(M)`` (SPEC §9's ``log det(I + Σ Xcᵀ W Xc)``
+**Score** — D-optimal gain ``log det(M + M_c) − log det(M)`` (docs/spec.md §9's ``log det(I + Σ Xcᵀ W Xc)``
 in whitened form) plus the same gain restricted to the βs the health checks flag (Dₛ-optimality on
 the flagged subset), divided by the predicted GPU-seconds; × :data:`HOTSPOT_BOOST` for a candidate that
 falls in a residual hotspot's bucket (D-optimality cannot see a wrong model shape; the hotspot can).
@@ -113,7 +113,7 @@ def choose_next_doptimal(calib, campaign: Campaign, collected: set[str], *,
                          batch_size: int, budget_gpu_seconds_left: float | None,
                          variant: str = DEFAULT_VARIANT, formulas: str = DEFAULT_FORMULAS,
                          heldout_gpu_s: float = 0.0, train_gpu_s: float = 0.0) -> list:
-    """The next batch (SPEC §9): greedy Bayesian D-optimal gain per predicted GPU-second over the
+    """The next batch (docs/spec.md §9): greedy Bayesian D-optimal gain per predicted GPU-second over the
     training candidates, priorities for flagged βs and hotspots, ~20% of the batch's GPU-seconds on
     space-filling held-out points. The collected data enter through ``calib`` (its per-run Gram matrices;
     ``None`` before the first fit), whose variant and formulas then override ``variant`` / ``formulas``.

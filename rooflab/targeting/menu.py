@@ -427,7 +427,7 @@ def _state(calib, collected) -> CandidateState:
 
 def choose_next(calib, campaign: Campaign, collected: set[str], *, batch_size: int,
                 budget_gpu_seconds_left: float | None, iteration: int) -> list[Pick]:
-    """The next batch of sweep points (SPEC §9, first version: the seed's menu driven by the diagnosis).
+    """The next batch of sweep points (docs/spec.md §9, first version: the seed's menu driven by the diagnosis).
 
     ``collected``: keys (:attr:`SweepPoint.key`) of points already in the store — never picked again.
     ``budget_gpu_seconds_left``: None = unlimited; points whose planned cost no longer fits are skipped.

@@ -39,7 +39,7 @@ class Prediction:
     info: np.ndarray  # (p, p) information of one run in whitened-by-σ units, before the prior
     gpu_s: float  # predicted GPU-seconds (span × TP)
     steps: int  # predicted steps the fit would use
-    saturated: bool  # the predicted run would be routed out of the fit (run-level, SPEC §6)
+    saturated: bool  # the predicted run would be routed out of the fit (run-level, docs/spec.md §6)
     mean_batch: float
     mean_context: float
     buckets: dict  # dimension -> bucket labels holding >= 10% of its steps (hotspot coverage)
@@ -101,7 +101,7 @@ def predict_point(point: SweepPoint, beta: dict, variant: str = DEFAULT_VARIANT,
     if sim is None:
         steps, requests, gpu_s = simulate_point(point, beta, variant, formulas)
         X = v.design_matrix(featurize(steps, formulas)) if len(steps) else np.zeros((0, len(v.terms)))
-        # what the fit would use: no step of a saturated run, no saturated step (SPEC §6)
+        # what the fit would use: no step of a saturated run, no saturated step (docs/spec.md §6)
         saturated = route_run(requests).saturated if len(requests) else True
         keep = ~route_steps(steps).saturated & (not saturated) if len(steps) else np.zeros(0, bool)
         batch = (steps["prefill_reqs"] + steps["decode_reqs"]).to_numpy(dtype=float)

@@ -5,7 +5,8 @@ carries a one-line reason and every criterion with its value and threshold."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -14,28 +15,56 @@ from rooflab.fit.residuals import HOTSPOT_MAPE
 from rooflab.targeting.candidates import hotspot_rows, model_arch, model_layers
 from rooflab.targeting.information import PRIOR_SD, STEPS_PER_RUN, sigma_of
 
-# stop rule thresholds (SPEC §9)
+# stop rule thresholds (docs/spec.md §9)
 BETA_RANGE = (0.3, 5.0)
 MAX_CV = 0.30
 MAX_VALIDATION_MAPE = 0.10
-REPLAY_TARGETS = {"ttft": 0.12, "itl": 0.05, "e2e": 0.05}  # SPEC §12, median over held-out runs (optional)
+REPLAY_TARGETS = {"ttft": 0.12, "itl": 0.05, "e2e": 0.05}  # docs/spec.md §12, median over held-out runs (optional)
 MIN_DATA_PRIOR_PRECISION = 1.0  # below: the prior, not the data, set the β ("not identified")
 RANGE_BETAS = ("beta1", "beta2", "beta3", "beta4", "beta5")
 
 
 # ================================================================================================ stop rule
-@dataclass
+@dataclass(frozen=True)
+class Criterion:
+    """One criterion of the stop rule: met or not, a one-line text, the value and threshold behind it."""
+
+    met: bool
+    text: str
+    value: Any = None
+    threshold: Any = None
+    identified: bool | None = None  # β range criteria: whether the data (not the prior) set the β
+    worst_mape: float | None = None  # hotspots: the worst bucket's MAPE
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"met": self.met, "value": self.value, "threshold": self.threshold, "text": self.text}
+        if self.identified is not None:
+            d["identified"] = self.identified
+        if self.worst_mape is not None:
+            d["worst_mape"] = self.worst_mape
+        return d
+
+
+LIMIT_CRITERIA = ("budget", "iteration_cap")  # limits, not convergence criteria
+
+
+@dataclass(frozen=True)
 class StopDecision:
     stop: bool
     reason: str  # one line
-    criteria: dict  # name -> {"met": bool, "value": ..., "threshold": ..., "text": str}
+    criteria: dict[str, Criterion]
+    converged: bool = False  # every convergence criterion met (the campaign may also stop on a limit)
 
     @property
     def unmet(self) -> list[str]:
-        return [c["text"] for k, c in self.criteria.items() if k not in ("budget", "iteration_cap") and not c["met"]]
+        return [c.text for k, c in self.criteria.items() if k not in LIMIT_CRITERIA and not c.met]
 
-    def to_dict(self) -> dict:
-        return {"stop": self.stop, "reason": self.reason, "criteria": self.criteria}
+    def with_reason(self, stop: bool, reason: str) -> "StopDecision":
+        return replace(self, stop=stop, reason=reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stop": self.stop, "reason": self.reason, "converged": self.converged,
+                "criteria": {k: c.to_dict() for k, c in self.criteria.items()}}
 
 
 def _pct(v: float) -> str:
@@ -73,7 +102,7 @@ def data_prior_ratio(calib, j: int) -> float:
 def stop_rule(calib, *, gpu_seconds_spent: float, budget_gpu_seconds: float | None, iteration: int,
               max_iterations: int | None, required: tuple[str, ...] = RANGE_BETAS,
               heldout_models: tuple[str, ...] = (), replay: dict | None = None) -> StopDecision:
-    """Decide whether the campaign stops after this calibration (SPEC §9).
+    """Decide whether the campaign stops after this calibration (docs/spec.md §9).
 
     ``iteration``: iterations completed so far (collect + refit, the bootstrap counting as the first);
     the cap is reached when ``iteration >= max_iterations``. ``required``: the βs of β1–β5 that must be
@@ -84,10 +113,10 @@ def stop_rule(calib, *, gpu_seconds_spent: float, budget_gpu_seconds: float | No
     fewer runs cannot see run-to-run variation). ``heldout_models``: the held-out MAPE counts only once
     every one of them has held-out data (one lucky held-out run is not a space-filling validation).
     ``replay``: optionally, the held-out request-level error (:func:`rooflab.replay.predict.store_replay_error`);
-    it adds a criterion with SPEC §12's targets (TTFT ≤ 12%, ITL ≤ 5%, E2E ≤ 5% median over held-out runs). Criteria ``budget`` and ``iteration_cap`` say whether that limit is reached."""
-    crit: dict[str, dict] = {}
+    it adds a criterion with docs/spec.md §12's targets (TTFT ≤ 12%, ITL ≤ 5%, E2E ≤ 5% median over held-out runs). Criteria ``budget`` and ``iteration_cap`` say whether that limit is reached."""
+    crit: dict[str, Criterion] = {}
     if calib is None:
-        crit["calibration"] = {"met": False, "value": None, "threshold": None, "text": "no calibration yet"}
+        crit["calibration"] = Criterion(met=False, value=None, threshold=None, text="no calibration yet")
     else:
         fit = calib.beta
         names = fit.names
@@ -109,35 +138,35 @@ def stop_rule(calib, *, gpu_seconds_spent: float, budget_gpu_seconds: float | No
                 text = f"{name} {b:.3g} outside [{BETA_RANGE[0]:g}, {BETA_RANGE[1]:g}]"
             else:
                 text = f"{name} {b:.3g} in [{BETA_RANGE[0]:g}, {BETA_RANGE[1]:g}]"
-            crit[f"{name}_range"] = {"met": bool(identified and in_range), "value": _num(b),
-                                     "threshold": list(BETA_RANGE), "identified": identified, "text": text}
+            crit[f"{name}_range"] = Criterion(met=bool(identified and in_range), value=_num(b),
+                                     threshold=list(BETA_RANGE), identified=identified, text=text)
         # 2. every β's bootstrap CV < 30%
         cvs = [c for c in calib.health if c.check == "bootstrap CV"]
         if len(fit.draws) < 2:
-            crit["bootstrap_cv"] = {"met": False, "value": None, "threshold": MAX_CV, "text": "no bootstrap draws"}
+            crit["bootstrap_cv"] = Criterion(met=False, value=None, threshold=MAX_CV, text="no bootstrap draws")
         elif fit.unit_kind != "run":
-            crit["bootstrap_cv"] = {"met": False, "value": len(fit.runs), "threshold": MAX_CV,
-                                    "text": f"bootstrap over blocks of {len(fit.runs)} training run"
-                                            f"{'s' if len(fit.runs) != 1 else ''} (whole runs need ≥ 5)"}
+            crit["bootstrap_cv"] = Criterion(met=False, value=len(fit.runs), threshold=MAX_CV,
+                                    text=f"bootstrap over blocks of {len(fit.runs)} training run"
+                                            f"{'s' if len(fit.runs) != 1 else ''} (whole runs need ≥ 5)")
         split = _per_step_overhead_cv(calib)
         if split is not None:  # β7 and β_L·L are one per-step overhead, judged together (see the README)
             cvs = [c for c in cvs if c.target not in ("beta7", "beta_layer")]
             cv, L = split
             met = bool(np.isfinite(cv) and cv < MAX_CV)
-            crit["per_step_overhead_cv"] = {
-                "met": met, "value": _num(cv), "threshold": MAX_CV,
-                "text": f"per-step overhead β7 + β_L·L CV {_pct(cv)} {'<' if met else '>'} {MAX_CV:.0%} (worst at L={L})"
-                if np.isfinite(cv) else "per-step overhead β7 + β_L·L CV undefined (0)"}
+            crit["per_step_overhead_cv"] = Criterion(
+                met=met, value=_num(cv), threshold=MAX_CV,
+                text=f"per-step overhead β7 + β_L·L CV {_pct(cv)} {'<' if met else '>'} {MAX_CV:.0%} (worst at L={L})"
+                if np.isfinite(cv) else "per-step overhead β7 + β_L·L CV undefined (0)")
         for c in cvs:
             met = bool(np.isfinite(c.value) and c.value < MAX_CV)
             text = f"{c.target} CV {_pct(c.value)} {'<' if met else '>'} {MAX_CV:.0%}" if np.isfinite(c.value) else \
                 f"{c.target} CV undefined (β at 0)"
-            crit[f"{c.target}_cv"] = {"met": met, "value": _num(c.value), "threshold": MAX_CV, "text": text}
+            crit[f"{c.target}_cv"] = Criterion(met=met, value=_num(c.value), threshold=MAX_CV, text=text)
         # 3. held-out step MAPE < 10%
         val = calib.accuracy.get("validation")
         if not val or not val.get("steps"):
-            crit["validation_mape"] = {"met": False, "value": None, "threshold": MAX_VALIDATION_MAPE,
-                                       "text": "no held-out data yet"}
+            crit["validation_mape"] = Criterion(met=False, value=None, threshold=MAX_VALIDATION_MAPE,
+                                       text="no held-out data yet")
         else:
             m = float(val["mape"])
             met = bool(m < MAX_VALIDATION_MAPE)
@@ -146,26 +175,26 @@ def stop_rule(calib, *, gpu_seconds_spent: float, budget_gpu_seconds: float | No
                            "bucket"].astype(str))
         missing = [m_ for m_ in heldout_models if m_ not in seen]
         if missing:
-            crit["validation_coverage"] = {"met": False, "value": len(heldout_models) - len(missing),
-                                           "threshold": len(heldout_models),
-                                           "text": f"no held-out data on {', '.join(missing)} yet"}
+            crit["validation_coverage"] = Criterion(met=False, value=len(heldout_models) - len(missing),
+                                           threshold=len(heldout_models),
+                                           text=f"no held-out data on {', '.join(missing)} yet")
         if val and val.get("steps"):
-            crit["validation_mape"] = {"met": met, "value": m, "threshold": MAX_VALIDATION_MAPE,
-                                       "text": f"validation MAPE {m:.1%} {'<' if met else '>'} "
-                                               f"{MAX_VALIDATION_MAPE:.0%}"}
+            crit["validation_mape"] = Criterion(met=met, value=m, threshold=MAX_VALIDATION_MAPE,
+                                       text=f"validation MAPE {m:.1%} {'<' if met else '>'} "
+                                               f"{MAX_VALIDATION_MAPE:.0%}")
         # 3b. (optional) held-out request-level replay error
         if replay is not None:
             vals = {m: replay.get(m, np.nan) for m in REPLAY_TARGETS}
             if not replay.get("n_runs"):
-                crit["replay"] = {"met": False, "value": None, "threshold": dict(REPLAY_TARGETS),
-                                  "text": "no held-out run to replay yet"}
+                crit["replay"] = Criterion(met=False, value=None, threshold=dict(REPLAY_TARGETS),
+                                  text="no held-out run to replay yet")
             else:
                 bad = [m for m, t in REPLAY_TARGETS.items() if not (np.isfinite(vals[m]) and vals[m] <= t)]
-                crit["replay"] = {"met": not bad, "value": {m: _num(v) for m, v in vals.items()},
-                                  "threshold": dict(REPLAY_TARGETS),
-                                  "text": "held-out replay " + ", ".join(
+                crit["replay"] = Criterion(met=not bad, value={m: _num(v) for m, v in vals.items()},
+                                  threshold=dict(REPLAY_TARGETS),
+                                  text="held-out replay " + ", ".join(
                                       f"{m.upper()} {vals[m]:.1%} {'>' if m in bad else '≤'} {t:.0%}"
-                                      for m, t in REPLAY_TARGETS.items())}
+                                      for m, t in REPLAY_TARGETS.items()))
         # 4. no hotspot
         hot = hotspot_rows(calib)
         if len(hot):
@@ -174,34 +203,31 @@ def stop_rule(calib, *, gpu_seconds_spent: float, budget_gpu_seconds: float | No
                 (f" +{len(worst) - 3} more" if len(worst) > 3 else "")
         else:
             text = f"no bucket > {HOTSPOT_MAPE:.0%} MAPE"
-        crit["hotspots"] = {"met": not len(hot), "value": int(len(hot)), "threshold": 0,
-                            "worst_mape": _num(float(hot["mape"].max())) if len(hot) else None, "text": text}
+        crit["hotspots"] = Criterion(met=not len(hot), value=int(len(hot)), threshold=0,
+                            worst_mape=_num(float(hot["mape"].max())) if len(hot) else None, text=text)
 
-    converged = all(c["met"] for c in crit.values())
+    converged = all(c.met for c in crit.values())
     budget_hit = budget_gpu_seconds is not None and gpu_seconds_spent >= budget_gpu_seconds
     cap_hit = max_iterations is not None and iteration >= max_iterations
-    crit["budget"] = {"met": bool(budget_hit), "value": float(gpu_seconds_spent),
-                      "threshold": None if budget_gpu_seconds is None else float(budget_gpu_seconds),
-                      "text": f"{gpu_seconds_spent / 3600:.2f} of "
-                              + ("unlimited" if budget_gpu_seconds is None else f"{budget_gpu_seconds / 3600:.2f}")
-                              + " GPU-h"}
-    crit["iteration_cap"] = {"met": bool(cap_hit), "value": int(iteration), "threshold": max_iterations,
-                             "text": f"iteration {iteration} of " + ("unlimited" if max_iterations is None
-                                                                     else str(max_iterations))}
-    decision = StopDecision(False, "", crit)
-    unmet = "unmet: " + ", ".join(decision.unmet)
+    crit["budget"] = Criterion(
+        met=bool(budget_hit), value=float(gpu_seconds_spent),
+        threshold=None if budget_gpu_seconds is None else float(budget_gpu_seconds),
+        text=f"{gpu_seconds_spent / 3600:.2f} of "
+             + ("unlimited" if budget_gpu_seconds is None else f"{budget_gpu_seconds / 3600:.2f}") + " GPU-h")
+    crit["iteration_cap"] = Criterion(
+        met=bool(cap_hit), value=int(iteration), threshold=max_iterations,
+        text=f"iteration {iteration} of " + ("unlimited" if max_iterations is None else str(max_iterations)))
+    unmet = "unmet: " + ", ".join(StopDecision(False, "", crit).unmet)
     if converged:
-        decision.stop, decision.reason = True, "converged: all criteria met"
-    elif budget_hit or cap_hit:
+        return StopDecision(True, "converged: all criteria met", crit, converged=True)
+    if budget_hit or cap_hit:
         parts = []
         if budget_hit:
             parts.append(f"budget spent: {gpu_seconds_spent / 3600:.2f} of {budget_gpu_seconds / 3600:.2f} GPU-h")
         if cap_hit:
             parts.append(f"iteration cap {max_iterations} reached")
-        decision.stop, decision.reason = True, "; ".join(parts + [unmet])
-    else:
-        decision.reason = f"continue ({crit['iteration_cap']['text']}, {crit['budget']['text']}); {unmet}"
-    return decision
+        return StopDecision(True, "; ".join(parts + [unmet]), crit)
+    return StopDecision(False, f"continue ({crit['iteration_cap'].text}, {crit['budget'].text}); {unmet}", crit)
 
 
 def _per_step_overhead_cv(calib) -> tuple[float, int] | None:

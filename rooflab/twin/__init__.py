@@ -1,4 +1,4 @@
-"""The twin: a simulated vLLM server (SPEC §5) — the embedded stand-in for a GPU vLLM server.
+"""The twin: a simulated vLLM server (docs/spec.md §5) — the embedded stand-in for a GPU vLLM server.
 
 engine.py   vLLM-v1-like scheduler, paged KV cache, preemption, prefix caching
 simulate.py fast (discrete-event) mode: a workload through the engine, no HTTP, no sleeping

@@ -1,4 +1,4 @@
-"""Calibration of the twin's truth model against the real H100 cycle times (SPEC §5).
+"""Calibration of the twin's truth model against the real H100 cycle times (docs/spec.md §5).
 
     python -m rooflab.twin.calibrate [--steps PATH] [--hardware H100-SXM] [--seed 0] [--search]
 

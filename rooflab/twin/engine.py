@@ -1,5 +1,9 @@
 """The twin's engine: a vLLM-v1-like scheduler over a paged KV cache.
 
+Why this module is long: the scheduler has a general path and an O(1) "lazy" fast path for steady decode
+steps; both must live on one class over one structure-of-arrays state, and tests/test_twin_engine.py
+property-tests that they give the same steps.
+
 Scheduling follows vLLM v1's ``Scheduler.schedule()``: running requests first, in order, each taking
 ``min(tokens it still needs, remaining token budget)`` (decodes need 1; a partially prefilled request
 needs the rest of its prompt, so chunked prefill falls out naturally); when a running request cannot get

@@ -1,4 +1,8 @@
-"""The twin's hidden ground-truth step timing (SPEC §5).
+"""The twin's hidden ground-truth step timing (docs/spec.md §5).
+
+Why this module is long: it is one hidden model — the per-GEMM rooflines, attention, all-reduce algorithms,
+MoE routing, CUDA-graph padding, noise and stragglers share one set of per-GPU constants and one cache of
+per-(model, TP, GPU) terms; split across files, every piece would reach back into the same private state.
 
 A physics model of one vLLM-v1 scheduler step on one TP rank that is deliberately *richer* than the
 7-feature corrected roofline rooflab calibrates, so that calibrating against the twin is a real problem:

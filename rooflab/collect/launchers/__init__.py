@@ -1,4 +1,4 @@
-"""Launchers turn a sweep point into a finished run in the data store (SPEC §4).
+"""Launchers turn a sweep point into a finished run in the data store (docs/spec.md §4).
 
 direct.py          the twin's fast mode (no HTTP): same run folder and tables, for benchmarks and tests
 inference_perf.py  the real inference-perf binary against an endpoint (subprocess, timeout, clean kill)

@@ -21,6 +21,9 @@ class DirectLauncher:
     def __init__(self, *, traces: bool = False):
         self.traces = traces
 
+    def close(self) -> None:
+        """Nothing to stop: the direct launcher starts no server."""
+
     def run(self, point: SweepPoint, rd: RunDir) -> RunResult:
         from rooflab.collect.workloads import point_requests
         from rooflab.model.engine_config import EngineConfig

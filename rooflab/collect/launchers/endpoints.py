@@ -110,6 +110,7 @@ class Endpoint:
     model_name: str
     time_scale: float = 1.0  # simulated seconds per wall second (the twin's --accel; 1 for a real server)
     trace_format: str = "otel"  # "otel" (instrumented fork, twin) or "steplog" (stock vLLM + vllm-steplog)
+    lock: threading.Lock  # one run at a time per server (trace windows must not interleave)
 
     def start(self) -> None: ...
 
@@ -155,6 +156,7 @@ class ExternalEndpoint(Endpoint):
         self.trace_path = Path(trace_path) if trace_path else None
         self.tokenizer_dir, self.model_name = tokenizer_dir, model_name
         self.trace_format = trace_format
+        self.lock = threading.Lock()
 
 
 class CommandEndpoint(Endpoint):
@@ -233,7 +235,7 @@ class EndpointPool:
                 while len(self.servers) >= self.max_servers:
                     old_key = next(iter(self.servers))
                     old = self.servers.pop(old_key)
-                    with getattr(old, "lock", threading.Lock()):
+                    with old.lock:
                         old.stop()
                 ep = self.factory(point)
                 self.servers[key] = ep

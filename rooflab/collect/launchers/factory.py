@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rooflab.collect.collector import Launcher
 from rooflab.collect.launchers.direct import DirectLauncher
 from rooflab.collect.launchers.endpoints import (
     CommandEndpoint,
@@ -63,7 +64,7 @@ def make_launcher(campaign, kind: str, workdir: str | Path, *, direct_traces: bo
     else:
         def factory(point):
             return ExternalEndpoint(ep.base_url, ep.trace_path, ep.tokenizer, name_for(point),
-                                    trace_format=getattr(ep, "trace_format", "otel"))
+                                    trace_format=ep.trace_format)
     pool = EndpointPool(factory, max_servers=max(1, campaign.collection.concurrency))
     return InferencePerfLauncher(pool, timeout_s=campaign.collection.timeout_s)
 
@@ -84,7 +85,5 @@ def vllm_python(spec: str) -> str:
     return str(py)
 
 
-def close_launcher(launcher) -> None:
-    pool = getattr(launcher, "pool", None)
-    if pool is not None:
-        pool.close()
+def close_launcher(launcher: Launcher) -> None:
+    launcher.close()

@@ -76,12 +76,16 @@ class InferencePerfLauncher:
     def __init__(self, pool: EndpointPool, *, timeout_s: float = 1800.0, drain_timeout_s: float = 300.0):
         self.pool, self.timeout_s, self.drain_timeout_s = pool, timeout_s, drain_timeout_s
 
+    def close(self) -> None:
+        """Stop the servers this launcher started."""
+        self.pool.close()
+
     def run(self, point: SweepPoint, rd: RunDir) -> RunResult:
         from rooflab.collect.workloads import render_config, write_config
         from rooflab.data.adapters.otel import read_otel_traces
 
         ep = self.pool.get(point)
-        with ep.lock if hasattr(ep, "lock") else _nullcontext():
+        with ep.lock:
             out_dir = rd.path / "inference-perf"
             # an accelerated server (the twin) runs A simulated seconds per wall second: the client sends the
             # same requests A times faster, so the server sees the point's workload in simulated time
@@ -108,7 +112,7 @@ class InferencePerfLauncher:
             expected = client.n_requests
             ip = {"successes": ok, "failures": failed, "expected": expected, "time_scale": ep.time_scale}
             ep.drain(self.drain_timeout_s)
-            steplog = getattr(ep, "trace_format", "otel") == "steplog"
+            steplog = ep.trace_format == "steplog"
             trace_file = rd.path / "traces" / ("steplog.jsonl" if steplog else "traces.jsonl")
             n_bytes = ep.copy_traces(mark, trace_file)
             if steplog and n_bytes:
@@ -173,11 +177,3 @@ def _steplog_result(trace_file: Path, rd: RunDir, point: SweepPoint, ip: dict, e
         ip["trace_requests"] = len(req)
     return RunResult("ok", steps=tables.steps, requests=req, gpu_seconds=float(span) * point.tp, engine=engine,
                      extra={"inference_perf": ip, "ingest": report})
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

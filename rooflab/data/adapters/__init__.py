@@ -1,4 +1,4 @@
-"""Adapters: each turns one source format into rooflab's step and request tables (SPEC §2)."""
+"""Adapters: each turns one source format into rooflab's step and request tables (docs/spec.md §2)."""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ Rules
   where finished_k = max(FINISHED journey events with ``scheduler.step == k``, ``batch.num_finished`` of step
   k+1, which the fork fills with the requests finished since step k); step k scheduled no tokens (no
   forward pass); or the difference is not positive.
-* Robustness (SPEC §11): a last line cut mid-write is skipped and counted; malformed lines elsewhere are
+* Robustness (docs/spec.md §11): a last line cut mid-write is skipped and counted; malformed lines elsewhere are
   skipped and counted, but more than ``MAX_BAD_FRACTION`` of the lines (and more than one) raises
   :class:`InputError` naming the file and the first bad line; an empty file or one with no OTLP export raises
   :class:`InputError`; a span exported twice (same trace/span id, name and times) and a repeated step event
@@ -50,16 +50,26 @@ from __future__ import annotations
 import gc
 import json
 import math
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import Counter
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 
+from rooflab.data.adapters.otel_journeys import (
+    AGGREGATE_COLUMNS,
+    JOURNEY_NAMES,
+    JourneyEvent,
+    OtelTables,
+    aggregate_by_step,
+    reconstruct_steps,
+    request_rows,
+    requests_frame,
+    snapshot_entries,
+)
 from rooflab.data.adapters.step_records import BLOCK_SIZE
-from rooflab.data.tables import aggregate_entries, validate_requests, validate_steps
+from rooflab.data.tables import validate_steps
 from rooflab.errors import InputError
 from rooflab.files import input_files
 
@@ -73,339 +83,6 @@ except ImportError:  # pragma: no cover
     _JSON_ERRORS = (ValueError, TypeError)
 
 MAX_BAD_FRACTION = 0.05
-JOURNEY_NAMES = ("QUEUED", "SCHEDULED", "FIRST_TOKEN", "PREEMPTED", "FINISHED")
-_RANK = {n: i for i, n in enumerate(JOURNEY_NAMES)}
-_FINISH_TO_STATUS = {"stopped": "ok", "stop": "ok", "length": "ok", "aborted": "aborted", "abort": "aborted",
-                     "error": "error", "ignored": "ignored"}
-_AGG_COLS = ("prefill_reqs", "prefill_tokens", "prefill_context", "prefill_attn_pairs", "prefill_logits",
-             "decode_reqs", "decode_context")
-
-
-@dataclass
-class OtelTables:
-    steps: pd.DataFrame
-    requests: pd.DataFrame
-    report: dict = field(default_factory=dict)
-
-
-@dataclass(slots=True, frozen=True)
-class JourneyEvent:
-    """One ``journey.*`` event of a request, parsed (name without the ``journey.`` prefix)."""
-
-    name: str
-    ts_ns: int
-    step: int | None
-    prefill_done: int = 0
-    prefill_total: int = 0
-    decode_done: int = 0
-    decode_max: int = 0
-    num_preemptions: int = 0
-    schedule_kind: str = ""
-    finish_status: str = ""
-
-
-@dataclass
-class Reconstruction:
-    """Output of :func:`reconstruct_steps`: per-(step, request) entries and what could not be used."""
-
-    entries: pd.DataFrame  # step_id, request_id, phase, tokens, context_before, prompt_tokens
-    preempted: dict[int, int]  # step id -> PREEMPTED events
-    skipped: dict[str, int]  # reason -> requests left out of the reconstruction
-    inconsistent: dict[str, int]  # reason -> segments whose token counts did not add up
-
-
-def _sort_key(e: JourneyEvent):
-    return (e.ts_ns, -1 if e.step is None else e.step, _RANK.get(e.name, 9))
-
-
-def entry_phase(prompt, computed, output):
-    """Vectorised phase rule (see the module docstring): returns (is_decode, effective prompt)."""
-    prompt = np.asarray(prompt, dtype=np.float64)
-    computed = np.asarray(computed, dtype=np.float64)
-    output = np.asarray(output, dtype=np.float64)
-    is_decode = (output > 0) & (computed >= prompt + output - 1)
-    return is_decode, prompt + output
-
-
-# =============================================================================================
-# journey reconstruction
-
-
-def reconstruct_steps(journeys: Mapping[str, Sequence[JourneyEvent]],
-                      max_num_batched_tokens: int | None) -> Reconstruction:
-    """Teacher-forced batch membership from journey events (SPEC §2).
-
-    Each request is active from its SCHEDULED step: its first prefill runs through the FIRST_TOKEN step,
-    then it decodes one token per step through FINISHED (inclusive) or to the step before a PREEMPTED
-    (preemption by recompute: the request is not in the batch of the step that preempts it). A RESUME with
-    ``d`` output tokens recomputes prompt + d tokens from context 0; the number of recompute steps follows
-    from the output tokens made by the segment's end (one per decode step, plus one by the last recompute
-    chunk). A prefill that spans one step gets its exact tokens; a multi-step one is distributed greedily in
-    step order: in each step, after one token per decode and the known tokens of single-step prefills and
-    last chunks, the other active prefills in order of joining the batch take what the
-    ``max_num_batched_tokens`` budget leaves (at least 1 token, keeping 1 per remaining step); a segment's
-    last step takes its remainder. Without a budget the tokens are split evenly. Prefix-cache hits are
-    not visible in journeys and are assumed absent.
-    """
-    skipped: Counter = Counter()
-    bad: Counter = Counter()
-    preempted: Counter = Counter()
-    dec: list[tuple[str, int, int, int, int]] = []  # rid, start, end, out0, prompt
-    pf: list[list] = []  # [rid, start, end, need|None, prompt_eff, join_key, done]
-
-    for rid, evs in journeys.items():
-        evs = sorted(evs, key=_sort_key)
-        if not any(e.name == "SCHEDULED" for e in evs):
-            skipped["never scheduled"] += 1
-            continue
-        if any(e.step is None for e in evs if e.name != "QUEUED"):
-            skipped["journey event without scheduler.step"] += 1
-            continue
-        prompt = max((e.prefill_total for e in evs), default=0)
-        state = None  # None | "prefill" | "decode" | "resume"
-        start = 0
-        join = (0, 0)
-        done0 = 0
-        d_r = 0
-        out0 = 0
-        ok = True
-        local_dec, local_pf = [], []
-
-        def close_resume(end_step: int, d_end: int):
-            length = end_step - start + 1
-            if length < 1:
-                return
-            produced = d_end - d_r
-            if produced >= 1:
-                l_rc, need = length - (produced - 1), prompt + d_r
-            else:
-                l_rc, need = length, None
-            if l_rc < 1:
-                bad["resume: more output tokens than active steps"] += 1
-                l_rc = 1
-            local_pf.append([rid, start, start + l_rc - 1, need, prompt + d_r, join, 0])
-            if start + l_rc <= end_step:
-                local_dec.append((rid, start + l_rc, end_step, d_r + 1, prompt))
-
-        for e in evs:
-            if e.name == "PREEMPTED":
-                preempted[e.step] += 1
-            if e.name == "SCHEDULED":
-                if state is not None:
-                    ok = False
-                    break
-                start, join = e.step, (e.step, e.ts_ns)
-                if e.decode_done > 0:
-                    state, d_r = "resume", e.decode_done
-                else:
-                    state, done0 = "prefill", e.prefill_done
-            elif e.name == "FIRST_TOKEN":
-                if state != "prefill" or e.step < start:
-                    ok = False
-                    break
-                local_pf.append([rid, start, e.step, prompt, prompt, join, 0])
-                state, start, out0 = "decode", e.step + 1, max(1, e.decode_done)
-            elif e.name in ("PREEMPTED", "FINISHED"):
-                end = e.step - 1 if e.name == "PREEMPTED" else e.step
-                if state == "prefill":
-                    if end >= start:
-                        # recompute restarts at 0: the tokens done in this segment are the high-water mark
-                        # if it rose (or this is the first segment); otherwise unknown
-                        rose = e.prefill_done > done0 or done0 == 0
-                        need = e.prefill_done if rose and e.prefill_done > 0 else None
-                        local_pf.append([rid, start, end, need, prompt, join, 0])
-                elif state == "decode":
-                    if end >= start:
-                        local_dec.append((rid, start, end, out0, prompt))
-                        if e.decode_done != out0 + (end - start) + 1:
-                            bad["decode tokens != active decode steps"] += 1
-                elif state == "resume":
-                    close_resume(end, e.decode_done)
-                state = None
-                if e.name == "FINISHED":
-                    break
-        if not ok:
-            skipped["inconsistent journey order"] += 1
-            continue
-        if state is not None:  # still running at the end of the trace: unknown end, leave it out
-            skipped["no FINISHED (still active)"] += 1
-            continue
-        dec.extend(local_dec)
-        pf.extend(local_pf)
-
-    # decode entries, vectorised
-    frames = []
-    if dec:
-        d_rid = np.array([d[0] for d in dec], dtype=object)
-        d_start = np.array([d[1] for d in dec], dtype=np.int64)
-        d_end = np.array([d[2] for d in dec], dtype=np.int64)
-        d_out0 = np.array([d[3] for d in dec], dtype=np.int64)
-        d_prompt = np.array([d[4] for d in dec], dtype=np.int64)
-        lens = d_end - d_start + 1
-        seg = np.repeat(np.arange(len(dec)), lens)
-        offs = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
-        steps = d_start[seg] + offs
-        frames.append(pd.DataFrame({
-            "step_id": steps, "request_id": d_rid[seg], "phase": "decode", "tokens": 1.0,
-            "context_before": (d_prompt[seg] + d_out0[seg] - 1 + offs).astype(np.float64),
-            "prompt_tokens": d_prompt[seg].astype(np.float64)}))
-        lo, hi = int(steps.min()), int(steps.max())
-        n_dec = np.bincount(steps - lo, minlength=hi - lo + 1)
-    else:
-        lo, n_dec = 0, np.zeros(0, dtype=np.int64)
-
-    def decodes_at(step: int) -> int:
-        i = step - lo
-        return int(n_dec[i]) if 0 <= i < len(n_dec) else 0
-
-    # prefill entries, step by step in order of joining the batch
-    by_step: dict[int, list[int]] = defaultdict(list)
-    for i, s in enumerate(pf):
-        for st in range(s[1], s[2] + 1):
-            by_step[st].append(i)
-    rows = []
-    for st in sorted(by_step):
-        budget = None if max_num_batched_tokens is None else int(max_num_batched_tokens) - decodes_at(st)
-        fixed, greedy = [], []
-        for i in sorted(by_step[st], key=lambda j: (pf[j][5], pf[j][0])):
-            need, s1, done = pf[i][3], pf[i][2], pf[i][6]
-            # a single-step prefill or the last chunk of one has known tokens; a non-last chunk stopped at
-            # the budget, so it takes what the known ones and the decodes leave, in order of joining
-            (fixed if need is not None and s1 == st else greedy).append(i)
-        for i in fixed:
-            tok = pf[i][3] - pf[i][6]
-            if budget is not None:
-                budget -= tok
-            if tok > 0:
-                rows.append((st, pf[i][0], tok, pf[i][6], pf[i][4]))
-                pf[i][6] += tok
-            elif tok < 0:
-                bad["prefill tokens < active prefill steps"] += 1
-        for i in greedy:
-            rid, s0, s1, need, p_eff, _, done = pf[i]
-            after = s1 - st
-            if need is not None:
-                remaining = need - done
-                if budget is None:
-                    tok = -(-remaining // (after + 1))
-                else:
-                    tok = min(max(budget, 1), remaining - after)
-                if tok < 1:
-                    bad["prefill tokens < active prefill steps"] += 1
-                    tok = 1 if remaining > 0 else 0
-            else:
-                if budget is None:
-                    bad["unknown prefill tokens without a budget"] += 1
-                    continue
-                tok = max(budget, 1)
-            if tok <= 0:
-                continue
-            rows.append((st, rid, tok, done, p_eff))
-            pf[i][6] = done + tok
-            if budget is not None:
-                budget -= tok
-    if rows:
-        frames.append(pd.DataFrame({
-            "step_id": np.array([r[0] for r in rows], dtype=np.int64),
-            "request_id": np.array([r[1] for r in rows], dtype=object), "phase": "prefill",
-            "tokens": np.array([r[2] for r in rows], dtype=np.float64),
-            "context_before": np.array([r[3] for r in rows], dtype=np.float64),
-            "prompt_tokens": np.array([r[4] for r in rows], dtype=np.float64)}))
-    if frames:
-        entries = pd.concat(frames, ignore_index=True).sort_values(["step_id", "phase"], kind="stable")
-    else:
-        entries = pd.DataFrame({"step_id": np.array([], dtype=np.int64), "request_id": [], "phase": [],
-                                "tokens": [], "context_before": [], "prompt_tokens": []})
-    return Reconstruction(entries.reset_index(drop=True), dict(preempted), dict(skipped), dict(bad))
-
-
-# =============================================================================================
-# requests
-
-
-def _request_rows(journeys: Mapping[str, Sequence[JourneyEvent]], api: Mapping[str, Mapping[str, int]],
-                  require_api: bool, run_id: str) -> tuple[list[dict], Counter]:
-    rows, excluded = [], Counter()
-    for rid in list(journeys) + [r for r in api if r not in journeys]:
-        evs = sorted(journeys.get(rid, ()), key=_sort_key)
-        a = api.get(rid, {})
-        first: dict[str, JourneyEvent] = {}
-        for e in evs:
-            first.setdefault(e.name, e)
-        fin = first.get("FINISHED")
-        if fin is None and "DEPARTED" not in a and "ABORTED" not in a:
-            excluded["incomplete: no FINISHED/DEPARTED/ABORTED"] += 1
-            continue
-        finish = fin.finish_status if fin is not None else ""
-        if "ABORTED" in a:
-            status = "aborted"
-        elif fin is not None:
-            status = _FINISH_TO_STATUS.get(finish, "ok" if not finish else finish)
-        else:
-            status = "ok"
-        ts = {"arrived_us": a.get("ARRIVED"), "queued_us": first["QUEUED"].ts_ns if "QUEUED" in first else None,
-              "scheduled_us": first["SCHEDULED"].ts_ns if "SCHEDULED" in first else None,
-              "first_token_us": first["FIRST_TOKEN"].ts_ns if "FIRST_TOKEN" in first else None,
-              "finished_us": fin.ts_ns if fin is not None else None, "departed_us": a.get("DEPARTED"),
-              "aborted_us": a.get("ABORTED")}
-        if status == "ok":
-            need = ["QUEUED", "SCHEDULED", "FIRST_TOKEN", "FINISHED"]
-            missing = [f"journey.{n}" for n in need if n not in first]
-            if require_api:
-                missing += [f"api.{n}" for n in ("ARRIVED", "DEPARTED") if n not in a]
-            if missing:
-                excluded[f"missing {missing[0]}"] += 1
-                continue
-            chain = [ts[k] for k in ("arrived_us", "queued_us", "scheduled_us", "first_token_us", "finished_us",
-                                     "departed_us") if ts[k] is not None]
-            steps = [first[n].step for n in ("SCHEDULED", "FIRST_TOKEN", "FINISHED")]
-            if any(b < x for x, b in zip(chain, chain[1:])) or any(
-                    s is None for s in steps) or not steps[0] <= steps[1] <= steps[2]:
-                excluded["events out of lifecycle order"] += 1
-                continue
-        elif not evs and not a:
-            excluded["no events"] += 1
-            continue
-        prompt = max((e.prefill_total for e in evs), default=None)
-        out = fin.decode_done if fin is not None else max((e.decode_done for e in evs), default=None)
-        n_pre = sum(1 for e in evs if e.name == "PREEMPTED")
-        if evs:
-            n_pre = max(n_pre, max(e.num_preemptions for e in evs))
-        row = {"run_id": run_id, "request_id": rid}
-        for k, v in ts.items():
-            row[k] = np.nan if v is None else v / 1e3
-        row.update(prompt_tokens=np.nan if prompt is None else float(prompt),
-                   output_tokens=np.nan if out is None else float(out), preemptions=float(n_pre), status=status)
-        rows.append(row)
-    return rows, excluded
-
-
-def _requests_frame(rows: list[dict], source: str) -> pd.DataFrame:
-    cols = ["run_id", "request_id", "arrived_us", "queued_us", "scheduled_us", "first_token_us", "finished_us",
-            "departed_us", "prompt_tokens", "output_tokens", "preemptions", "status", "aborted_us"]
-    df = pd.DataFrame(rows, columns=cols)
-    return validate_requests(df, source)
-
-
-# =============================================================================================
-# steps
-
-
-def _snapshot_entries(rows: Sequence[tuple], run_id: str) -> pd.DataFrame:
-    """rows: (step_id, request_id, prompt, computed, output, scheduled) with scheduled > 0."""
-    arr = np.array([r[2:] for r in rows], dtype=np.float64).reshape(-1, 4)
-    is_dec, p_eff = entry_phase(arr[:, 0], arr[:, 1], arr[:, 2])
-    return pd.DataFrame({"run_id": run_id, "step_id": np.array([r[0] for r in rows], dtype=np.int64),
-                         "phase": np.where(is_dec, "decode", "prefill"), "tokens": arr[:, 3],
-                         "context_before": arr[:, 1], "prompt_tokens": p_eff})
-
-
-def _agg_by_step(entries: pd.DataFrame, run_id: str) -> pd.DataFrame:
-    if entries is None or len(entries) == 0:
-        return pd.DataFrame(columns=list(_AGG_COLS), index=pd.Index([], dtype=np.int64, name="step_id"))
-    e = entries if "run_id" in entries.columns else entries.assign(run_id=run_id)
-    agg = aggregate_entries(e)
-    return agg.drop(columns=["run_id"]).set_index("step_id")
 
 
 def _steps_frame(summ: Mapping[int, dict], snap_agg: pd.DataFrame, rec_agg: pd.DataFrame | None,
@@ -420,7 +97,7 @@ def _steps_frame(summ: Mapping[int, dict], snap_agg: pd.DataFrame, rec_agg: pd.D
 
     has_summ = np.array([i in summ for i in ids], dtype=bool)
     ts_start = s_col("step.ts_start_ns")
-    out = {c: np.full(n, np.nan) for c in _AGG_COLS}
+    out = {c: np.full(n, np.nan) for c in AGGREGATE_COLUMNS}
     source = np.full(n, "summary", dtype=object)
     pos = {i: k for k, i in enumerate(ids)}
     done = np.zeros(n, dtype=bool)
@@ -431,7 +108,7 @@ def _steps_frame(summ: Mapping[int, dict], snap_agg: pd.DataFrame, rec_agg: pd.D
         keep = np.array([i in pos for i in agg.index])
         sub = agg[keep]
         take = ~done[idx]
-        for c in _AGG_COLS:
+        for c in AGGREGATE_COLUMNS:
             out[c][idx[take]] = sub[c].to_numpy(dtype=np.float64)[take]
         source[idx[take]] = name
         done[idx[take]] = True
@@ -490,15 +167,11 @@ def _steps_frame(summ: Mapping[int, dict], snap_agg: pd.DataFrame, rec_agg: pd.D
     steps = pd.DataFrame({
         "run_id": meta["run_id"], "step_id": sid, "model": meta["model"], "tp": int(meta["tp"]),
         "hardware": meta["hardware"], "t_start_us": ts_start / 1e3, "step_time_us": cycle,
-        **{c: out[c] for c in _AGG_COLS},
+        **{c: out[c] for c in AGGREGATE_COLUMNS},
         "kv_usage": s_col("kv.usage_gpu_ratio"), "preemptions": np.nan_to_num(preempt, nan=0.0),
         "running": running, "waiting": waiting, "agg_source": source.astype(str),
     })
     return steps
-
-
-# =============================================================================================
-# parsing
 
 
 def _attrs(lst) -> dict:
@@ -663,7 +336,7 @@ class _Collector:
             rec["events"][short] = ts
             return
         short = name[8:]
-        if short not in _RANK:
+        if short not in JOURNEY_NAMES:
             return
         ev = _journey_event(short, at)
         if ev is None:
@@ -772,8 +445,8 @@ def read_otel_traces(paths: str | Path | Iterable[str | Path], *, run_id: str, m
             continue
         api.setdefault(str(rid), {}).update(rec["events"])
     require_api = bool(col.api)
-    rows, excluded = _request_rows(journeys, api, require_api, run_id)
-    requests = _requests_frame(rows, source)
+    rows, excluded = request_rows(journeys, api, require_api, run_id)
+    requests = requests_frame(rows, source)
     report["requests_seen"] = len(set(journeys) | set(api))
     report["requests_kept"] = len(requests)
     report["requests_excluded"] = dict(excluded)
@@ -785,12 +458,12 @@ def read_otel_traces(paths: str | Path | Iterable[str | Path], *, run_id: str, m
         seen = [_int(a.get("batch.scheduled_tokens"), 0) for a in col.summ.values()]
         budget = max(seen) if seen and max(seen) > 0 else None
     rec = reconstruct_steps(journeys, budget) if journeys else None
-    rec_agg = _agg_by_step(rec.entries, run_id) if rec is not None else None
+    rec_agg = aggregate_by_step(rec.entries, run_id) if rec is not None else None
     if rec is not None:
         report["reconstruction_skipped"] = rec.skipped
         report["reconstruction_inconsistent"] = rec.inconsistent
     snap_rows = [(sid, rid) + v for (sid, rid), v in col.snap.items() if v[3] > 0]
-    snap_agg = _agg_by_step(_snapshot_entries(snap_rows, run_id) if snap_rows else None, run_id)
+    snap_agg = aggregate_by_step(snapshot_entries(snap_rows, run_id) if snap_rows else None, run_id)
     # a step's snapshots are used only if they account for all its scheduled tokens
     if len(snap_agg):
         tok = snap_agg["prefill_tokens"] + snap_agg["decode_reqs"]
@@ -836,78 +509,3 @@ def _compare(rec_agg: pd.DataFrame, snap_agg: pd.DataFrame, summ: Mapping[int, d
             "prefill_tokens_exact": float((d_pf == 0).mean()),
             "prefill_tokens_abs_err": float(d_pf.sum()),
             "prefill_tokens_rel_err": float(d_pf.sum() / tot) if tot > 0 else 0.0}
-
-
-# =============================================================================================
-# the engine's own record of the steps, as tables (for round-trip tests)
-
-
-def journeys_from_request_events(request_events) -> tuple[dict[str, list[JourneyEvent]], dict[str, dict[str, int]]]:
-    """Twin RequestEvents -> (journeys by request id, API event times by request id), with the journey
-    attributes the trace writer derives (``prefill.done_tokens`` high-water mark, fork finish statuses)."""
-    from rooflab.twin.otel import FINISH_STATUS
-
-    by_rid: dict[str, list] = defaultdict(list)
-    for ev in _flatten(request_events):
-        by_rid[ev.request_id].append(ev)
-    journeys: dict[str, list[JourneyEvent]] = {}
-    api: dict[str, dict[str, int]] = {}
-    for rid, evs in by_rid.items():
-        evs.sort(key=lambda e: e.ts_ns)
-        hw = 0
-        for e in evs:
-            kind = e.kind
-            if kind.startswith("api."):
-                api.setdefault(rid, {}).setdefault(kind[4:], int(e.ts_ns))
-                continue
-            prompt = int(e.num_prompt_tokens)
-            hw = prompt if (kind == "journey.FIRST_TOKEN" or e.num_output_tokens > 0) else max(
-                hw, min(int(e.num_computed_tokens), prompt))
-            journeys.setdefault(rid, []).append(JourneyEvent(
-                name=kind[8:], ts_ns=int(e.ts_ns), step=None if e.step_id is None else int(e.step_id),
-                prefill_done=hw, prefill_total=prompt, decode_done=int(e.num_output_tokens),
-                decode_max=int(e.max_tokens), num_preemptions=int(e.num_preemptions),
-                schedule_kind=str(e.schedule_kind or "").upper(),
-                finish_status=FINISH_STATUS.get(e.finish_status, e.finish_status or "") if e.finish_status else ""))
-    return journeys, api
-
-
-def _flatten(items):
-    for x in items:
-        if isinstance(x, (list, tuple)):
-            yield from _flatten(x)
-        else:
-            yield x
-
-
-def tables_from_records(step_records, request_events, run_id: str, model: str, tp: int,
-                        hardware: str) -> OtelTables:
-    """The engine's own record of the steps and requests as rooflab tables — the reference a trace read
-    back with :func:`read_otel_traces` must reproduce. Step time here is the record's true
-    ``ts_end_ns − ts_start_ns``; the reader's cycle time must equal it wherever it is not excluded."""
-    recs = sorted(step_records, key=lambda r: r.step_id)
-    rows = [(r.step_id, e.request_id, e.num_prompt_tokens, e.num_computed_tokens, e.num_output_tokens,
-             e.scheduled_tokens) for r in recs for e in r.entries if e.scheduled_tokens > 0]
-    agg = _agg_by_step(_snapshot_entries(rows, run_id) if rows else None, run_id)
-    sid = np.array([r.step_id for r in recs], dtype=np.int64)
-    aggr = agg.reindex(sid)
-    steps = pd.DataFrame({
-        "run_id": run_id, "step_id": sid, "model": model, "tp": int(tp), "hardware": hardware,
-        "t_start_us": np.array([r.ts_start_ns for r in recs], dtype=np.float64) / 1e3,
-        "step_time_us": np.array([r.ts_end_ns - r.ts_start_ns for r in recs], dtype=np.float64) / 1e3,
-        **{c: aggr[c].to_numpy(dtype=np.float64) for c in _AGG_COLS},
-        "kv_usage": np.array([r.kv_usage for r in recs], dtype=np.float64),
-        "preemptions": np.array([r.num_preempted for r in recs], dtype=np.float64),
-        "running": np.array([r.running_depth for r in recs], dtype=np.float64),
-        "waiting": np.array([r.waiting_depth for r in recs], dtype=np.float64),
-        "agg_source": "records",
-    })
-    empty = ~np.isin(sid, agg.index.to_numpy())
-    for c in ("prefill_reqs", "prefill_tokens", "prefill_context", "prefill_attn_pairs", "decode_reqs",
-              "decode_context"):
-        steps.loc[empty, c] = 0.0
-    journeys, api = journeys_from_request_events(request_events)
-    rows, excluded = _request_rows(journeys, api, bool(api), run_id)
-    requests = _requests_frame(rows, "<records>")
-    return OtelTables(validate_steps(steps, "<records>"), requests,
-                      {"source": "records", "requests_excluded": dict(excluded)})

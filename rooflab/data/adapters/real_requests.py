@@ -96,7 +96,7 @@ class RealRun:
         return self.n_errors
 
     def requests_table(self) -> pd.DataFrame:
-        """The rooflab request table (SPEC §2) on the client clock: arrived = arrival, first_token = arrival +
+        """The rooflab request table (docs/spec.md §2) on the client clock: arrived = arrival, first_token = arrival +
         TTFT, departed = arrival + E2E; queued / scheduled / finished and preemptions are NaN (the client
         cannot see them); status "ok" / "failed"."""
         r = self.requests

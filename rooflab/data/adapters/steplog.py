@@ -1,4 +1,4 @@
-"""The vllm-steplog plugin's JSON lines (stock vLLM) -> step and request tables (SPEC §2, source 3).
+"""The vllm-steplog plugin's JSON lines (stock vLLM) -> step and request tables (docs/spec.md §2, source 3).
 
 The plugin (``plugins/vllm_steplog``, format in its ``FORMAT.md``) writes, into one file shared by vLLM's
 processes, lines of four kinds, all times integer ns on CLOCK_MONOTONIC (the clock inference-perf reads):
