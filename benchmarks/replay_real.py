@@ -135,7 +135,8 @@ def evaluate(root: Path, out_dir: Path, *, polish: int = 8, iterations: int = 3,
            "e2e_history": e2e.history, "alpha_only_history": alpha_only.history,
            "summary": summary, "runs": results,
            "timing": {"calibration_s": t_cal, "total_s": time.perf_counter() - t0, "replay_s": replay_s,
-                      "replay_steps": replay_steps, "replay_steps_per_s": replay_steps / replay_s if replay_s else None}}
+                      "replay_steps": replay_steps,
+                      "replay_steps_per_s": replay_steps / replay_s if replay_s else None}}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "results.json", json_dumps(doc))
     atomic_write_text(out_dir / "table.md", render(doc))
@@ -151,10 +152,12 @@ def render(doc: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for key, groups in doc["summary"].items():
         for g, s in groups.items():
-            lines.append(f"| {LABELS.get(key, key)} | {g} | {_fmt(s['ttft']['mean_ape'])} | {_fmt(s['itl']['mean_ape'])} "
+            lines.append(f"| {LABELS.get(key, key)} | {g} | {_fmt(s['ttft']['mean_ape'])} "
+                         f"| {_fmt(s['itl']['mean_ape'])} "
                          f"| {_fmt(s['e2e']['mean_ape'])} | {_fmt(s['ttft']['p90_ape'])} | {_fmt(s['e2e']['p90_ape'])} "
                          f"| {_fmt(s['e2e']['request_mape'])} |")
-    lines += ["", "Per run (APE of the run's mean; grade from per-request MAPE and Pearson r, BLIS calibrate rule):", "",
+    lines += ["",
+              "Per run (APE of the run's mean; grade from per-request MAPE and Pearson r, BLIS calibrate rule):", "",
               "| coefficients | run | group | TTFT | ITL | E2E | E2E grade | measured / predicted failures |",
               "|---|---|---|---|---|---|---|---|"]
     for key, runs in doc["runs"].items():

@@ -209,7 +209,8 @@ def job(truth: str, seed: int, workdir: str, budget_share: float) -> dict:
         but = r["all_but_hotspots_gpu_s"]
         out["strategies"][name] = {"gpu_h": r["gpu_s"] / 3600, "runs": r["runs"], "converged": r["converged"],
                                    "all_but_hotspots_gpu_h": np.nan if but is None else but / 3600,
-                                   "unmet": r["stop_reason"].split("unmet: ")[-1] if "unmet" in r["stop_reason"] else "",
+                                   "unmet": (r["stop_reason"].split("unmet: ")[-1]
+                                             if "unmet" in r["stop_reason"] else ""),
                                    "stop_reason": r["stop_reason"], "curve": curve,
                                    "uses_eval_runs": sum(data.runs[x]["key"] in eval_keys for x in r["rids"]), **ev}
     # pooled static data of this truth+seed, for the reference β (pooled over seeds by the parent)
@@ -266,7 +267,8 @@ def main() -> None:
             rows.append({"truth": r["truth"], "seed": r["seed"], "strategy": name, "gpu_h": s["gpu_h"],
                          "runs": s["runs"], "converged": s["converged"], "heldout_mape": s["heldout_mape"],
                          "heldout_median_ape": s["heldout_median_ape"], "worst_bucket_mape": s["worst_bucket_mape"],
-                         "worst_bucket": s.get("worst_bucket", ""), "max_beta1_5_err": max(errs.values()) if errs else np.nan,
+                         "worst_bucket": s.get("worst_bucket", ""),
+                         "max_beta1_5_err": max(errs.values()) if errs else np.nan,
                          "all_but_hotspots_gpu_h": s["all_but_hotspots_gpu_h"], "unmet_at_end": s["unmet"],
                          "static_gpu_h": r["static_gpu_s"] / 3600, "stop_reason": s["stop_reason"]})
     df = pd.DataFrame(rows)
@@ -275,7 +277,8 @@ def main() -> None:
     pd.set_option("display.width", 200)
     cols = ["truth", "seed", "strategy", "runs", "gpu_h", "ratio_vs_static", "converged", "but_hot_ratio",
             "heldout_mape", "heldout_median_ape", "worst_bucket_mape", "max_beta1_5_err"]
-    fmt = {"gpu_h": "{:.2f}".format, "ratio_vs_static": "{:.2f}".format, "but_hot_ratio": "{:.2f}".format, "heldout_mape": "{:.1%}".format,
+    fmt = {"gpu_h": "{:.2f}".format, "ratio_vs_static": "{:.2f}".format, "but_hot_ratio": "{:.2f}".format,
+           "heldout_mape": "{:.1%}".format,
            "heldout_median_ape": "{:.1%}".format, "worst_bucket_mape": "{:.1%}".format,
            "max_beta1_5_err": "{:.1%}".format}
     print("\nper job")
@@ -302,7 +305,8 @@ def main() -> None:
          "curves": {f"{r['truth']}|{r['seed']}|{k}": s["curve"] for r in results for k, s in r["strategies"].items()}},
         indent=1, default=float))
     _plot(results, out / "sample_efficiency.png")
-    print(f"\nwrote {out / 'sample_efficiency.json'} and {out / 'sample_efficiency.png'}; total {time.time() - t0:.0f} s")
+    print(f"\nwrote {out / 'sample_efficiency.json'} and {out / 'sample_efficiency.png'}; "
+          f"total {time.time() - t0:.0f} s")
 
 
 def _plot(results: list[dict], path: Path) -> None:

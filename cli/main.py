@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,6 +12,7 @@ from rooflab.errors import InputError
 from rooflab.files import atomic_write_text, json_dumps
 from rooflab.model.variants import DEFAULT_VARIANT, get_variant
 
+COMMAND = "rooflab"  # this invocation, as a shell would re-run it (recorded in provenance)
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="rooflab: calibrate corrected-roofline step-time models of vLLM serving.")
 
@@ -31,15 +32,16 @@ def _prior(value: str) -> float | str:
 @app.command()
 def fit(
     steps: Path = typer.Option(..., "--steps", help="step table or aggregated step records (.parquet/.csv)"),
-    requests: Optional[Path] = typer.Option(None, "--requests", help="request table for the α fit"),
+    requests: Path | None = typer.Option(None, "--requests", help="request table for the α fit"),
     hardware: str = typer.Option("H100-SXM", help="GPU of step-record files (they do not name it)"),
     variant: str = typer.Option(DEFAULT_VARIANT, help="model variant: roofline7 | roofline7+layers"),
-    formulas: str = typer.Option("vllm", help="feature formulas: vllm | design"),
+    formulas: str | None = typer.Option(None, help="feature formulas: vllm | design for rooflab's variants (default "
+                                                    "vllm), blis for BLIS's (its only one)"),
     prior: str = typer.Option("auto", help="prior strength λ, or 'auto' (leave-one-run-out choice)"),
     boot: int = typer.Option(200, help="bootstrap draws"),
     seed: int = typer.Option(0),
-    plots: Optional[Path] = typer.Option(None, help="folder for residual plots (PNG)"),
-    out: Optional[Path] = typer.Option(None, help="write the full result as JSON to this file"),
+    plots: Path | None = typer.Option(None, help="folder for residual plots (PNG)"),
+    out: Path | None = typer.Option(None, help="write the full result as JSON to this file"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of the text report"),
     evaluate: bool = typer.Option(False, help="also report held-out accuracy (leave-one-model-out, "
                                               "leave-one-run-out) of roofline7 and roofline7+layers under "
@@ -52,14 +54,18 @@ def fit(
     from rooflab.model.features import FORMULAS
 
     get_variant(variant)
-    if formulas not in FORMULAS:
+    if formulas is not None and formulas not in FORMULAS:
         raise InputError(None, "--formulas", f"unknown formulas {formulas!r} (known: {', '.join(FORMULAS)})")
     options = Options(variant=variant, formulas=formulas, prior_strength=_prior(prior), n_boot=boot, seed=seed)
     table = read_steps(steps, hardware=hardware)
     req = read_requests(requests) if requests else None
     result = calibrate(table, req, options, plots_dir=plots)
+    from rooflab.model.provenance import file_source, with_provenance
+
     doc = result.to_dict()
     doc["source"] = {"steps": str(steps), "requests": str(requests) if requests else None}
+    doc = with_provenance(doc, sources=[file_source(steps)] + ([file_source(requests)] if requests else []),
+                          command=COMMAND)
     evaluation = None
     if evaluate:
         from rooflab.fit.crossval import evaluate as run_evaluation
@@ -111,10 +117,10 @@ def collect(
     store: Path = typer.Option(Path("store"), help="the data store folder"),
     launcher: str = typer.Option("inference-perf", help="inference-perf (real client against the campaign's "
                                                         "endpoint) | direct (twin fast mode, no HTTP)"),
-    replicates: Optional[int] = typer.Option(None, help="override the campaign's replicates"),
-    concurrency: Optional[int] = typer.Option(None, help="override collection.concurrency"),
-    max_retries: Optional[int] = typer.Option(None, help="override collection.max_retries"),
-    limit: Optional[int] = typer.Option(None, help="only the first N points of the design"),
+    replicates: int | None = typer.Option(None, help="override the campaign's replicates"),
+    concurrency: int | None = typer.Option(None, help="override collection.concurrency"),
+    max_retries: int | None = typer.Option(None, help="override collection.max_retries"),
+    limit: int | None = typer.Option(None, help="only the first N points of the design"),
     direct_traces: bool = typer.Option(False, help="direct launcher: also write OTEL traces (slower)"),
 ):
     """Run a design's sweep points into the data store. Resumable: run the same command again."""
@@ -164,12 +170,12 @@ def campaign_cmd(
     store: Path = typer.Option(Path("store"), help="the data store folder"),
     mlruns: Path = typer.Option(Path("mlruns"), help="the MLflow store folder (SQLite + artifacts)"),
     fast: bool = typer.Option(False, "--fast", help="direct launcher (twin fast mode) instead of inference-perf"),
-    batch_size: Optional[int] = typer.Option(None, help="override loop.batch_size (sweep points per iteration)"),
-    max_iterations: Optional[int] = typer.Option(None, help="override loop.max_iterations (bootstrap = iteration 0)"),
-    variant: Optional[str] = typer.Option(None, help="override loop.variant (the model variant to fit)"),
-    boot: Optional[int] = typer.Option(None, help="override loop.n_boot (bootstrap draws per fit)"),
-    targeting: Optional[str] = typer.Option(None, help="override loop.targeting: d-optimal | menu | random"),
-    replay_stop: Optional[bool] = typer.Option(None, "--replay-stop/--no-replay-stop",
+    batch_size: int | None = typer.Option(None, help="override loop.batch_size (sweep points per iteration)"),
+    max_iterations: int | None = typer.Option(None, help="override loop.max_iterations (bootstrap = iteration 0)"),
+    variant: str | None = typer.Option(None, help="override loop.variant (the model variant to fit)"),
+    boot: int | None = typer.Option(None, help="override loop.n_boot (bootstrap draws per fit)"),
+    targeting: str | None = typer.Option(None, help="override loop.targeting: d-optimal | menu | random"),
+    replay_stop: bool | None = typer.Option(None, "--replay-stop/--no-replay-stop",
                                                help="override loop.replay_stop: the stop rule also requires the "
                                                     "held-out request-level replay error within its targets"),
 ):
@@ -247,13 +253,15 @@ def _design_points(camp, design: str):
 def _interval(v, lo, hi) -> str:
     import math
 
-    f = lambda x: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+    def f(x) -> str:
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+
     return f"{f(v)} [{f(lo)}, {f(hi)}]"
 
 
 @app.command()
 def compare(
-    campaigns: Optional[list[str]] = typer.Argument(None, help="campaign names (default: all in the store)"),
+    campaigns: list[str] | None = typer.Argument(None, help="campaign names (default: all in the store)"),
     mlruns: Path = typer.Option(Path("mlruns"), "--mlruns", help="the MLflow store folder (holds mlflow.db)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON records instead of a table"),
 ):
@@ -293,8 +301,8 @@ def compare_table(df) -> str:
 def export(
     fit_file: Path = typer.Option(..., "--fit", help="a fit result: the JSON that `rooflab fit --out` writes"),
     fmt: str = typer.Option("json", "--format", help="blis (BLIS defaults.yaml layout) | json (rooflab coefficients)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="output file (default: print)"),
-    hardware: Optional[str] = typer.Option(None, help="GPU the steps came from (recorded as context; a fit "
+    out: Path | None = typer.Option(None, "--out", help="output file (default: print)"),
+    hardware: str | None = typer.Option(None, help="GPU the steps came from (recorded as context; a fit "
                                                       "result does not name it)"),
 ):
     """Export fitted coefficients for simulators: BLIS's trained-physics YAML or rooflab's JSON."""
@@ -316,9 +324,12 @@ def export(
         print(text, end="")
         return
     from rooflab.files import atomic_write_text
+    from rooflab.model.provenance import provenance_path, write_provenance
 
     atomic_write_text(out, text)
-    print(f"wrote {out} ({fmt})")
+    record = write_provenance(doc, provenance_path(out))
+    print(f"wrote {out} ({fmt}{', exact BLIS variant' if ex.is_blis_variant(doc) else ''}) and its provenance "
+          f"record {record}")
 
 
 def _engine_overrides(max_num_seqs, max_num_batched_tokens, num_gpu_blocks, max_model_len, prefix_caching) -> dict:
@@ -328,7 +339,7 @@ def _engine_overrides(max_num_seqs, max_num_batched_tokens, num_gpu_blocks, max_
     return {k: v for k, v in vals.items() if v is not None}
 
 
-def _load_traces(requests: list[str], root, prefix, model, tp, hardware, engine: dict, window: Optional[str]):
+def _load_traces(requests: list[str], root, prefix, model, tp, hardware, engine: dict, window: str | None):
     from rooflab.data.traces import read_trace
 
     traces = []
@@ -355,19 +366,19 @@ def replay(
     coefficients: Path = typer.Option(..., "--coefficients", help="fitted coefficients: `rooflab fit --out` JSON, "
                                       "`rooflab export --format json`, `calibrate-e2e --out`, or a BLIS YAML"),
     requests: list[str] = typer.Option(..., "--requests", help=_REQ_HELP),
-    root: Optional[Path] = typer.Option(None, help="real data folder (default ../shared/data/real)"),
+    root: Path | None = typer.Option(None, help="real data folder (default ../shared/data/real)"),
     prefix: str = typer.Option("prompt", help="real runs: prefix cache groups prompt | system | none"),
-    model: Optional[str] = typer.Option(None), tp: Optional[int] = typer.Option(None),
+    model: str | None = typer.Option(None), tp: int | None = typer.Option(None),
     hardware: str = typer.Option("H100-SXM"),
-    max_num_seqs: Optional[int] = typer.Option(None), max_num_batched_tokens: Optional[int] = typer.Option(None),
-    num_gpu_blocks: Optional[int] = typer.Option(None), max_model_len: Optional[int] = typer.Option(None),
-    prefix_caching: Optional[bool] = typer.Option(None, "--prefix-caching/--no-prefix-caching"),
-    window: Optional[str] = typer.Option(None, help="replay only requests arriving in START:END seconds "
+    max_num_seqs: int | None = typer.Option(None), max_num_batched_tokens: int | None = typer.Option(None),
+    num_gpu_blocks: int | None = typer.Option(None), max_model_len: int | None = typer.Option(None),
+    prefix_caching: bool | None = typer.Option(None, "--prefix-caching/--no-prefix-caching"),
+    window: str | None = typer.Option(None, help="replay only requests arriving in START:END seconds "
                                                     "(after a 30 s warm-up that is not scored)"),
     no_timeout: bool = typer.Option(False, "--no-timeout", help="never abort requests at the client timeout"),
-    plot: Optional[Path] = typer.Option(None, help="predicted-vs-measured plot (PNG)"),
-    out: Optional[Path] = typer.Option(None, help="write metrics (JSON) here"),
-    per_request: Optional[Path] = typer.Option(None, help="write per-request predictions (.parquet/.csv)"),
+    plot: Path | None = typer.Option(None, help="predicted-vs-measured plot (PNG)"),
+    out: Path | None = typer.Option(None, help="write metrics (JSON) here"),
+    per_request: Path | None = typer.Option(None, help="write per-request predictions (.parquet/.csv)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of the table"),
 ):
     """Replay request traces through the twin's scheduler with the fitted step-time model and α; compare the
@@ -411,7 +422,9 @@ def replay(
 
 
 def replay_table(results: dict) -> str:
-    pct = lambda v: "-" if v is None or v != v else f"{100 * v:.1f}%"
+    def pct(v) -> str:
+        return "-" if v is None or v != v else f"{100 * v:.1f}%"
+
     header = ["run", "metric", "measured mean", "predicted mean", "mean APE", "P90 APE", "P99 APE",
               "per-req MAPE", "r", "grade", "failed meas/pred"]
     rows = []
@@ -433,13 +446,13 @@ def calibrate_e2e_cmd(
     requests: list[str] = typer.Option(..., "--requests", help="training runs' request traces. " + _REQ_HELP),
     start: str = typer.Option("priors", help="start point: 'priors' or a coefficients file (e.g. a step-level "
                                              "`rooflab fit --out`)"),
-    root: Optional[Path] = typer.Option(None, help="real data folder (default ../shared/data/real)"),
+    root: Path | None = typer.Option(None, help="real data folder (default ../shared/data/real)"),
     prefix: str = typer.Option("prompt", help="real runs: prefix cache groups prompt | system | none"),
-    model: Optional[str] = typer.Option(None), tp: Optional[int] = typer.Option(None),
+    model: str | None = typer.Option(None), tp: int | None = typer.Option(None),
     hardware: str = typer.Option("H100-SXM"),
-    max_num_seqs: Optional[int] = typer.Option(None), max_num_batched_tokens: Optional[int] = typer.Option(None),
-    num_gpu_blocks: Optional[int] = typer.Option(None), max_model_len: Optional[int] = typer.Option(None),
-    prefix_caching: Optional[bool] = typer.Option(None, "--prefix-caching/--no-prefix-caching"),
+    max_num_seqs: int | None = typer.Option(None), max_num_batched_tokens: int | None = typer.Option(None),
+    num_gpu_blocks: int | None = typer.Option(None), max_model_len: int | None = typer.Option(None),
+    prefix_caching: bool | None = typer.Option(None, "--prefix-caching/--no-prefix-caching"),
     variant: str = typer.Option(DEFAULT_VARIANT, help="model variant: roofline7 | roofline7+layers"),
     prior: float = typer.Option(1e-3, help="prior strength λ toward β1–β5 = 1"),
     iterations: int = typer.Option(4, help="stacked per-request fixed-point iterations"),
@@ -447,7 +460,7 @@ def calibrate_e2e_cmd(
     window_s: float = typer.Option(180.0, help="seconds of each run replayed per window during the search (0: all)"),
     windows: int = typer.Option(2, help="windows per run"),
     alpha_only: bool = typer.Option(False, "--alpha-only", help="keep β of --start, fit α only"),
-    out: Optional[Path] = typer.Option(None, help="write the coefficients (rooflab coefficients JSON) here"),
+    out: Path | None = typer.Option(None, help="write the coefficients (rooflab coefficients JSON) here"),
     check: bool = typer.Option(True, "--check/--no-check", help="replay the full training runs with the result"),
     as_json: bool = typer.Option(False, "--json"),
 ):
@@ -490,6 +503,8 @@ def twin(ctx: typer.Context):
 
 
 def main(argv: list[str] | None = None) -> int:
+    global COMMAND
+    COMMAND = "rooflab " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         app(args=argv, standalone_mode=False)
     except InputError as exc:

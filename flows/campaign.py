@@ -25,9 +25,10 @@ from rooflab.campaign.loop import (
 from rooflab.collect.collector import Launcher
 from rooflab.collect.launchers.factory import close_launcher, make_launcher
 from rooflab.collect.spec import Campaign, load_campaign
-from rooflab.data.store import Store, StorePlans
+from rooflab.data.store import Store, StorePlans, engine_scope, run_sources
 from rooflab.data.sweep import SweepPoint
 from rooflab.fit.calibration import Calibration, Options
+from rooflab.model.provenance import current_command
 from rooflab.targeting.strategies import Spend, make_targeting
 from tasks.analyze import calibrate_from_store, heldout_replay_error
 from tasks.launch import collect_points
@@ -75,9 +76,12 @@ class FlowSteps(CampaignSteps):
 
     def record(self, record: IterationRecord) -> None:
         assert record.calibration is not None  # the flow's calibrate step always fits (or raises)
+        runs = record.calibration.beta.runs
         log_iteration(self.tracking, self.parent_run, record.iteration, record.calibration, stop=record.stop,
                       picks=record.picks, gpu_seconds=record.spend.total_s,
-                      artifacts_dir=self.work / f"iter-{record.iteration}")
+                      artifacts_dir=self.work / f"iter-{record.iteration}",
+                      provenance={"sources": run_sources(self.store, runs), "command": current_command(),
+                                  **engine_scope(self.store, runs)})
 
 
 @flow(name="rooflab-campaign", log_prints=True)

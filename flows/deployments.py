@@ -3,7 +3,7 @@ triggered by ``rooflab.data.arrived``, and the new-model trigger (``rooflab.mode
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from prefect.events import DeploymentEventTrigger
 
@@ -49,7 +49,7 @@ def next_fire_times(cron: str, n: int = 3, after: datetime | None = None) -> lis
     """When the scheduled campaign will run next (the cron parser Prefect's schedules use)."""
     from cronsim import CronSim
 
-    it = CronSim(cron, after or datetime.now(timezone.utc))
+    it = CronSim(cron, after or datetime.now(UTC))
     return [next(it) for _ in range(n)]
 
 

@@ -95,7 +95,8 @@ def new_model_flow(campaign: str, model: str, tp: int, hardware: str | None = No
     first = (template[0].model, template[0].tp)
     sweep = [replace(p, model=model, tp=tp, hardware=hardware or p.hardware)
              for p in template if (p.model, p.tp) == first]
-    print(f"V1 MAPE {result['v1_mape']:.1%} > {NEW_MODEL_MAPE_LIMIT:.0%}: full sweep of {len(sweep)} runs on {model} TP{tp}")
+    print(f"V1 MAPE {result['v1_mape']:.1%} > {NEW_MODEL_MAPE_LIMIT:.0%}: "
+          f"full sweep of {len(sweep)} runs on {model} TP{tp}")
     st = Store(store)
     lau = make_launcher(camp, launcher, st.root)
     try:

@@ -8,14 +8,19 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from rooflab.errors import InputError
 
+if TYPE_CHECKING:
+    import pandas as pd
 
-def read_yaml(path: str | Path, *, loader=yaml.SafeLoader):
+
+def read_yaml(path: str | Path, *, loader: type[yaml.SafeLoader | yaml.CSafeLoader] = yaml.SafeLoader) -> Any:
     """Parse a YAML file; a syntax error becomes ``<file>: malformed YAML at line L, column C: problem``."""
     path = Path(path)
     try:
@@ -61,13 +66,13 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
-def atomic_write_parquet(path: str | Path, df) -> Path:
+def atomic_write_parquet(path: str | Path, df: pd.DataFrame) -> Path:
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _json_default(o):
+def _json_default(o: Any) -> Any:
     if hasattr(o, "to_dict") and callable(o.to_dict):
         return o.to_dict()
     if hasattr(o, "__dataclass_fields__"):
@@ -84,7 +89,7 @@ def _json_default(o):
     return str(o)  # paths and anything else printable
 
 
-def json_safe(o):
+def json_safe(o: Any) -> Any:
     """JSON has no NaN or Infinity: they become null (recursively)."""
     if isinstance(o, float) and not math.isfinite(o):
         return None
@@ -95,14 +100,14 @@ def json_safe(o):
     return o
 
 
-def json_dumps(obj, *, indent: int | None = 2) -> str:
+def json_dumps(obj: Any, *, indent: int | None = 2) -> str:
     """Strict JSON of rooflab results: NaN → null, numpy → Python, dataclasses and frames as dicts."""
     return json.dumps(json_safe(obj), indent=indent, default=_json_default, ensure_ascii=False)
 
 
-def input_files(paths, what: str) -> tuple[list[Path], str]:
+def input_files(paths: str | Path | Iterable[str | Path], what: str) -> tuple[list[Path], str]:
     """One path or several as a list of paths, and how to name them in a message ("f (+2 files)")."""
-    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
-    if not paths:
+    files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    if not files:
         raise InputError(None, "paths", f"no {what} files given")
-    return paths, str(paths[0]) if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} files)"
+    return files, str(files[0]) if len(files) == 1 else f"{files[0]} (+{len(files) - 1} files)"

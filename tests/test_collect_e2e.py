@@ -117,8 +117,8 @@ def test_server_that_never_becomes_healthy_is_a_clear_error(tmp_path):
 
 def test_external_endpoint(tmp_path):
     tok = str(ensure_tokenizer())
-    server = CommandEndpoint(twin_command(10), model="llama-3.1-8b", tp=1, hardware="H100-SXM", workdir=tmp_path / "srv",
-                             tokenizer_dir=tok, time_scale=10)
+    server = CommandEndpoint(twin_command(10), model="llama-3.1-8b", tp=1, hardware="H100-SXM",
+                             workdir=tmp_path / "srv", tokenizer_dir=tok, time_scale=10)
     server.start()
     try:
         camp = load_campaign(write_campaign(tmp_path, endpoint={

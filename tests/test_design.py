@@ -1,5 +1,5 @@
-"""Information-optimal targeting (rooflab.targeting.doptimal, docs/spec.md §9): the greedy D-optimal core against brute force,
-predictions from the twin's scheduler under fitted coefficients, and the obvious picks."""
+"""Information-optimal targeting (rooflab.targeting.doptimal, docs/spec.md §9): the greedy D-optimal core against
+brute force, predictions from the twin's scheduler under fitted coefficients, and the obvious picks."""
 
 import itertools
 import json

@@ -25,7 +25,8 @@ TRUE = Coefficients({"beta1": 1.2, "beta2": 1.5, "beta3": 1.1, "beta4": 1.0, "be
 
 def _trace(rate=12.0, n=320, seed=0, model="llama-3.1-8b") -> Trace:
     rng = np.random.default_rng(seed)
-    w = pd.DataFrame({"request_id": [f"r{i}" for i in range(n)], "arrival_us": np.cumsum(rng.exponential(1e6 / rate, n)),
+    w = pd.DataFrame({"request_id": [f"r{i}" for i in range(n)],
+                      "arrival_us": np.cumsum(rng.exponential(1e6 / rate, n)),
                       "prompt_tokens": rng.integers(50, 2500, n), "output_tokens": rng.integers(5, 400, n),
                       "prefix_group": None, "prefix_tokens": 0, "failed": False,
                       "ttft_us": np.nan, "e2e_us": np.nan, "itl_us": np.nan})

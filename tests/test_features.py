@@ -62,10 +62,10 @@ def test_entries_and_aggregates_give_the_same_features():
     rng = np.random.default_rng(0)
     rows = []
     for step in range(50):
-        for i in range(rng.integers(0, 3)):
+        for _ in range(rng.integers(0, 3)):
             n, c = int(rng.integers(1, 1024)), int(rng.integers(0, 3000))
             rows.append(("r", step, "prefill", n, c, c + n + int(rng.integers(0, 2)) * 100))
-        for i in range(rng.integers(1, 40)):
+        for _ in range(rng.integers(1, 40)):
             rows.append(("r", step, "decode", 1, int(rng.integers(10, 4000)), 0))
     e = pd.DataFrame(rows, columns=["run_id", "step_id", "phase", "tokens", "context_before", "prompt_tokens"])
     agg = aggregate_entries(e)
@@ -74,7 +74,8 @@ def test_entries_and_aggregates_give_the_same_features():
     # per-step loop reference: sum of per-request pairs
     for k, step in enumerate(agg["step_id"]):
         sub = e[(e.step_id == step) & (e.phase == "prefill")]
-        assert agg["prefill_attn_pairs"].iloc[k] == (sub.tokens * sub.context_before + sub.tokens * (sub.tokens + 1) / 2).sum()
+        pairs = (sub.tokens * sub.context_before + sub.tokens * (sub.tokens + 1) / 2).sum()
+        assert agg["prefill_attn_pairs"].iloc[k] == pairs
     # aggregates only (no pairs): exact whenever a step has at most one prefill
     no_pairs = agg.drop(columns=["prefill_attn_pairs"])
     approx = compute_features(s, no_pairs)

@@ -125,7 +125,8 @@ def _requests(n=3000, seed=0):
     queued = arrived + rng.normal(15000, 800, n)
     finished = queued + 1e6
     departed = finished + 800 + 45 * nout + rng.normal(0, 200, n)
-    return pd.DataFrame({"run_id": np.repeat([f"r{i}" for i in range(6)], n // 6), "request_id": np.arange(n).astype(str),
+    return pd.DataFrame({"run_id": np.repeat([f"r{i}" for i in range(6)], n // 6),
+                         "request_id": np.arange(n).astype(str),
                          "arrived_us": arrived, "queued_us": queued, "finished_us": finished, "departed_us": departed,
                          "prompt_tokens": 100.0, "output_tokens": nout})
 

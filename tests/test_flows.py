@@ -3,7 +3,7 @@ the schedule, and the refit that a rooflab.data.arrived event triggers."""
 
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -69,8 +69,9 @@ def test_campaign_resumes_after_a_crash_without_duplicates(tmp_path, monkeypatch
         return real_log(ts, parent, iteration, *a, **kw)
 
     monkeypatch.setattr(campaign_module, "log_iteration", crash_on_iteration_1)
-    with pytest.raises(BaseException):
-        campaign_flow(campaign="smoke", store=str(store), mlruns=str(mlruns), launcher="direct", overrides={"batch_size": 4, "max_iterations": 3, "n_boot": 30})
+    with pytest.raises(KeyboardInterrupt):
+        campaign_flow(campaign="smoke", store=str(store), mlruns=str(mlruns), launcher="direct",
+                      overrides={"batch_size": 4, "max_iterations": 3, "n_boot": 30})
     monkeypatch.setattr(campaign_module, "log_iteration", real_log)
     ts = open_tracking(mlruns)
     _, before = _children(ts, "smoke")
@@ -78,7 +79,8 @@ def test_campaign_resumes_after_a_crash_without_duplicates(tmp_path, monkeypatch
     runs_before = set(st.runs().run_id)
     assert set(before) == {0} and len(runs_before) > 0
 
-    result = campaign_flow(campaign="smoke", store=str(store), mlruns=str(mlruns), launcher="direct", overrides={"batch_size": 4, "max_iterations": 3, "n_boot": 30})
+    result = campaign_flow(campaign="smoke", store=str(store), mlruns=str(mlruns), launcher="direct",
+                           overrides={"batch_size": 4, "max_iterations": 3, "n_boot": 30})
     _, after = _children(ts, "smoke")
     assert sorted(after) == list(range(result["iterations"])) and after[0] == before[0]  # nothing logged twice
     manifests = st.manifests()
@@ -88,7 +90,7 @@ def test_campaign_resumes_after_a_crash_without_duplicates(tmp_path, monkeypatch
 
 
 def test_schedule_fires_when_the_campaign_says():
-    times = next_fire_times("0 3 * * 1", 3, after=datetime(2026, 11, 24, tzinfo=timezone.utc))
+    times = next_fire_times("0 3 * * 1", 3, after=datetime(2026, 11, 24, tzinfo=UTC))
     assert [t.isoformat() for t in times] == ["2026-11-30T03:00:00+00:00", "2026-12-07T03:00:00+00:00",
                                               "2026-12-14T03:00:00+00:00"]
     deps = {d.name: d for d in build_deployments("demo")}
@@ -146,7 +148,8 @@ def test_validate_and_new_model_flows(tmp_path):
     from rooflab.collect.spec import load_campaign
 
     store, mlruns = str(tmp_path / "store"), str(tmp_path / "mlruns")
-    campaign_flow(campaign="smoke", store=store, mlruns=mlruns, launcher="direct", overrides={"batch_size": 4, "max_iterations": 1, "n_boot": 20})
+    campaign_flow(campaign="smoke", store=store, mlruns=mlruns, launcher="direct",
+                  overrides={"batch_size": 4, "max_iterations": 1, "n_boot": 20})
     points = v1_points(load_campaign("smoke"), "llama-2-7b", 1)
     assert points and all(p.split == "validation" and p.model == "llama-2-7b" for p in points)
     res = validate_flow("smoke", "llama-2-7b", 1, store=store, mlruns=mlruns, launcher="direct")

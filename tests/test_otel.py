@@ -606,8 +606,8 @@ def test_reconstruction_without_step_events_matches_the_records(bigger, tmp_path
     # prefill tokens: greedy under the budget reproduces this engine's chunking exactly (decodes first, then
     # prefills in batch order); a real engine may differ a little, so report the agreement
     err = (s["prefill_tokens"] - worked["prefill_tokens"]).abs()
-    print("reconstruction: prefill tokens exact in %.1f%% of steps, rel. error %.4f%%"
-          % (100 * (err == 0).mean(), 100 * err.sum() / worked["prefill_tokens"].sum()))
+    print(f"reconstruction: prefill tokens exact in {100 * (err == 0).mean():.1f}% of steps, "
+          f"rel. error {100 * err.sum() / worked['prefill_tokens'].sum():.4f}%")
     assert err.sum() == 0
     for c in ("prefill_context", "prefill_attn_pairs", "prefill_logits"):
         np.testing.assert_array_equal(s[c].to_numpy(), worked[c].to_numpy(), err_msg=c)

@@ -243,13 +243,17 @@ def test_coefficient_files(tmp_path):
     b = tmp_path / "blis.yaml"
     b.write_text("trained_physics_coefficients:\n  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [0.2, 0, 1.3, 0.7, 30, 4, "
                  "120, 480, 0, 1.9, 0.7]\n")
-    c = load_coefficients(b)
-    assert c.beta["beta2"] == 1.9 and c.beta["beta_layer"] == 30 and c.alpha == (1, 2, 3) and c.tp_comm == "blis"
-    assert any("not mapped" in n for n in c.notes)
+    c = load_coefficients(b)  # BLIS's layout loads term for term as rooflab's BLIS variant
+    assert c.variant == "blis-tp11" and c.formulas == "blis" and c.alpha == (1, 2, 3)
+    assert c.beta == {"beta1a": 0.2, "beta2a": 0, "beta3": 1.3, "beta4": 0.7, "beta5": 30, "beta6": 4, "beta7": 120,
+                      "beta8": 480, "beta1b": 0, "beta2b": 1.9, "beta_ep": 0.7}
+    b.write_text("trained_physics_coefficients:\n  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [0.2, 0, 1.3, 0.7, 30, "
+                 "4, 120, 480, 0, 1.9]\n")
+    assert load_coefficients(b).variant == "blis-tp10"
     b.write_text("trained_physics_coefficients:\n  alpha_coeffs: [1, 2]\n  beta_coeffs: []\n")
     with pytest.raises(InputError) as e:
         load_coefficients(b)
-    assert "alpha_coeffs: expected 3 numbers" in _one_line(e.value)
+    assert "alpha_coeffs: expected 3 non-negative numbers" in _one_line(e.value)
     j = tmp_path / "fit.json"
     j.write_text(json.dumps({"beta": {"coefficients": {"beta1": {"value": "x"}}}}))
     with pytest.raises(InputError) as e:

@@ -61,7 +61,8 @@ def synthetic() -> list[dict]:
     a, b = "cmpl-A-0-11111111", "cmpl-req-b-0-22222222"
     L = [_engine(),
          _api("arrived", "cmpl-A-0", 1 * MS), _req("queued", a, 2 * MS, ext="cmpl-A-0", prompt=10, max_tokens=3),
-         _api("arrived", "cmpl-req-b-0", 3 * MS), _req("queued", b, 4 * MS, ext="cmpl-req-b-0", prompt=10, max_tokens=3),
+         _api("arrived", "cmpl-req-b-0", 3 * MS),
+         _req("queued", b, 4 * MS, ext="cmpl-req-b-0", prompt=10, max_tokens=3),
          _req("scheduled", a, 10 * MS, step=0, resume=False, computed=0),
          _step(0, 10 * MS, 5 * MS, prefill=[(a, 8, 0, 10)], running=1, waiting=1),
          _req("scheduled", b, 16 * MS, step=1, resume=False, computed=0),
@@ -396,9 +397,11 @@ def test_vllm_endpoint_profile():
                                   "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": 0}}), source="c.yaml")
     ep = c.endpoint
     assert ep.kind == "vllm" and ep.trace_format == "steplog" and ep.env == (("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),)
-    cmd = vllm_command(ep.python, ep.model_path.format(model="tiny-llama"), "tiny-llama", c.engine, ep.args, dict(ep.env))
+    cmd = vllm_command(ep.python, ep.model_path.format(model="tiny-llama"), "tiny-llama", c.engine, ep.args,
+                       dict(ep.env))
     filled = [a.format(tp=1, port=8000, trace="/t/s.jsonl") for a in cmd]
-    assert filled[:4] == ["env", "ROOFLAB_STEPLOG_PATH=/t/s.jsonl", "VLLM_ENABLE_V1_MULTIPROCESSING=0", "/opt/v/bin/python"]
+    assert filled[:4] == ["env", "ROOFLAB_STEPLOG_PATH=/t/s.jsonl", "VLLM_ENABLE_V1_MULTIPROCESSING=0",
+                          "/opt/v/bin/python"]
     s = " ".join(filled)
     assert "-m vllm.entrypoints.openai.api_server --host 127.0.0.1 --port 8000 --model /m/tiny-llama" in s
     assert "--tensor-parallel-size 1" in s and "--max-num-batched-tokens 256" in s and "--max-model-len 1024" in s

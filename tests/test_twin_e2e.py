@@ -35,8 +35,10 @@ def test_inference_perf_against_the_twin(tmp_path):
         cfg = {
             "api": {"type": "completion", "streaming": True},
             "data": {"type": "random",
-                     "input_distribution": {"type": "fixed", "mean": PROMPT, "min": PROMPT, "max": PROMPT, "std_dev": 0},
-                     "output_distribution": {"type": "fixed", "mean": OUTPUT, "min": OUTPUT, "max": OUTPUT, "std_dev": 0}},
+                     "input_distribution": {"type": "fixed", "mean": PROMPT, "min": PROMPT, "max": PROMPT,
+                                            "std_dev": 0},
+                     "output_distribution": {"type": "fixed", "mean": OUTPUT, "min": OUTPUT, "max": OUTPUT,
+                                             "std_dev": 0}},
             "load": {"type": "constant", "stages": [{"rate": 10, "duration": N_REQ // 10}]},
             "report": {"request_lifecycle": {"summary": True, "per_stage": True, "per_request": True}},
             "storage": {"local_storage": {"path": str(out)}},

@@ -22,7 +22,7 @@ class LinearTimer:
 
     def step_time_us(self, decode_contexts, prefills, n_logits):
         return 4000 + 15 * len(decode_contexts) + 0.002 * float(np.sum(decode_contexts)) \
-            + sum(n * (1 + c / 2000) for n, c in prefills) * 8 + n_logits
+            + sum(n * (1 + c / 2000) for n, c, _ in prefills) * 8 + n_logits
 
     def scheduler_cpu_us(self, n):
         return 300 + 2 * n

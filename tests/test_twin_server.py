@@ -47,8 +47,9 @@ def test_token_id_prompts_are_counted_by_length(client):
 
 
 def test_streaming_sse_framing(client):
-    with client.stream("POST", "/v1/completions", json={"prompt": "ka lo", "max_tokens": 9, "stream": True,
-                                                        "ignore_eos": True, "stream_options": {"include_usage": True}}) as s:
+    body = {"prompt": "ka lo", "max_tokens": 9, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/completions", json=body) as s:
         raw = b"".join(s.iter_bytes())
     events = raw.split(b"\n\n")
     assert events[-1] == b"" and events[-2] == b"data: [DONE]"
@@ -74,8 +75,8 @@ def test_chat_streaming_and_not(client):
 
 
 def test_eos_without_ignore_eos_stops_early_sometimes(client):
-    reasons = [client.post("/v1/completions", json={"prompt": "x", "max_tokens": 400}).json()["choices"][0]["finish_reason"]
-               for _ in range(6)]
+    reasons = [client.post("/v1/completions", json={"prompt": "x", "max_tokens": 400}).json()["choices"][0][
+        "finish_reason"] for _ in range(6)]
     assert "stop" in reasons  # natural lengths (mean 128) end before 400 tokens
 
 

@@ -55,11 +55,12 @@ def test_monotonic_in_context_and_prefill_tokens(model, tp):
         prev = e
     prev = 0.0
     for n in (1, 16, 64, 128, 256, 512, 1024, 2048):
-        e = t.expected_step_time_us(np.full(8, 500.0), [(n, 0)], 9)
+        e = t.expected_step_time_us(np.full(8, 500.0), [(n, 0, n)], 9)
         assert e > prev
         prev = e
     # prefill context (chunked prefill: earlier chunks) costs attention too
-    assert t.expected_step_time_us(np.array([]), [(512, 1536)], 1) > t.expected_step_time_us(np.array([]), [(512, 0)], 1)
+    none = np.array([])
+    assert t.expected_step_time_us(none, [(512, 1536, 2048)], 1) > t.expected_step_time_us(none, [(512, 0, 512)], 1)
 
 
 def test_tp_adds_allreduce_time(cfg):
@@ -175,7 +176,7 @@ def test_empty_step_is_cpu_only(cfg):
 @pytest.mark.parametrize("hw", ["H100-SXM", "H200", "A100-80GB", "L40S", "B200"])
 def test_every_twin_hardware_loads(hw):
     t = make("llama-3.1-8b", 1, hw=hw)
-    assert t.expected_step_time_us(np.full(8, 500.0), [(256, 0)], 9) > 0
+    assert t.expected_step_time_us(np.full(8, 500.0), [(256, 0, 256)], 9) > 0
 
 
 def test_faster_hardware_is_faster():
@@ -259,12 +260,13 @@ def _synthetic_steps(model: str, tp: int, n: int = 500, seed: int = 1) -> pd.Dat
         pfs = []
         if D == 0 or rng.random() < 0.4:
             for _ in range(int(rng.integers(1, 3))):
-                pfs.append((int(rng.integers(16, 1024)), int(rng.choice([0, int(rng.integers(0, 3000))]))))
+                n, c = int(rng.integers(16, 1024)), int(rng.choice([0, int(rng.integers(0, 3000))]))
+                pfs.append((n, c, n + c))
         rows.append(dict(
             run_id=f"{model}-tp{tp}", step_id=i, model=model, tp=tp, hardware=H100,
             step_time_us=t.step_time_us(ctx, pfs, D + len(pfs)),
-            prefill_reqs=len(pfs), prefill_tokens=sum(a for a, _ in pfs), prefill_context=sum(c for _, c in pfs),
-            prefill_attn_pairs=sum(a * c + a * (a + 1) / 2 for a, c in pfs), prefill_logits=len(pfs),
+            prefill_reqs=len(pfs), prefill_tokens=sum(a for a, _, _ in pfs), prefill_context=sum(c for _, c, _ in pfs),
+            prefill_attn_pairs=sum(a * c + a * (a + 1) / 2 for a, c, _ in pfs), prefill_logits=len(pfs),
             decode_reqs=D, decode_context=float(ctx.sum())))
     return pd.DataFrame(rows)
 

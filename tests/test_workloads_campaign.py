@@ -166,7 +166,8 @@ def test_static99_plan(default):
     split = Counter(p.split for p in plan)
     assert split == {"train": 90, "validation": 9}
     per_combo = Counter((p.model, p.tp, p.split) for p in plan)
-    assert len([k for k in per_combo if k[2] == "train"]) == 6 and len([k for k in per_combo if k[2] == "validation"]) == 3
+    assert len([k for k in per_combo if k[2] == "train"]) == 6
+    assert len([k for k in per_combo if k[2] == "validation"]) == 3
     assert all(n == 15 for k, n in per_combo.items() if k[2] == "train")
     assert all(n == 3 for k, n in per_combo.items() if k[2] == "validation")
     fams = Counter(p.family for p in plan if (p.model, p.tp) == ("llama-3.1-70b", 4))

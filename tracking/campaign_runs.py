@@ -35,6 +35,7 @@ from rooflab.files import atomic_write_text, json_dumps
 from rooflab.fit.calibration import Calibration
 from rooflab.fit.report import render
 from rooflab.model import export
+from rooflab.model.provenance import provenance_path, write_provenance
 from rooflab.targeting.candidates import Pick
 from rooflab.targeting.stop import StopDecision
 from tracking.metrics import (
@@ -119,13 +120,18 @@ def logged_iterations(ts: TrackingStore, parent_id: str) -> dict[int, str]:
 
 
 def write_iteration_artifacts(calib: Calibration, out_dir: Path, *, iteration: int, picks: list[Pick],
-                              stop: StopDecision | None, context: dict[str, Any] | None = None) -> list[Path]:
-    """Write the iteration's artifact files into ``out_dir`` (atomically); returns their paths."""
+                              stop: StopDecision | None, context: dict[str, Any] | None = None,
+                              provenance: dict[str, Any] | None = None) -> list[Path]:
+    """Write the iteration's artifact files into ``out_dir`` (atomically); returns their paths. ``provenance``:
+    the fit's provenance block (sources, command, MLflow run id, engine), recorded beside the BLIS export."""
     doc = calib.to_dict()
+    if provenance:
+        doc["provenance"] = provenance
     out_dir = Path(out_dir)
     return [
         export.write_json(doc, out_dir / "coefficients.json", context=context),
         export.write_blis(doc, out_dir / "blis_coefficients.yaml"),
+        write_provenance(doc, provenance_path(out_dir / "blis_coefficients.yaml")),
         atomic_write_text(out_dir / "health.json", dumps(doc.get("health") or {})),
         atomic_write_text(out_dir / "residual_buckets.csv",
                           pd.DataFrame(doc.get("residual_buckets") or []).to_csv(index=False)),
@@ -138,7 +144,7 @@ def write_iteration_artifacts(calib: Calibration, out_dir: Path, *, iteration: i
 
 def log_iteration(ts: TrackingStore, parent_id: str, iteration: int, calib: Calibration, *, stop: StopDecision,
                   picks: list[Pick], gpu_seconds: float, artifacts_dir: Path,
-                  extra_params: dict[str, Any] | None = None) -> str:
+                  extra_params: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None) -> str:
     """Log one campaign iteration as a child run of ``parent_id`` and return its id. Idempotent: an
     iteration already logged (FINISHED child) is returned as is; a half-logged one is replaced.
     ``gpu_seconds`` is the campaign's cumulative GPU time so far; ``artifacts_dir`` is a local folder for
@@ -159,7 +165,7 @@ def log_iteration(ts: TrackingStore, parent_id: str, iteration: int, calib: Cali
     with _TerminatedOnError(ts, rid):
         metrics = _log_calibration(ts, rid, calib, step=iteration, picks=picks, gpu_seconds=gpu_seconds, stop=stop,
                                    out_dir=Path(artifacts_dir) / f"iteration_{iteration:03d}",
-                                   extra_params=extra_params)
+                                   extra_params=extra_params, provenance={**(provenance or {}), "mlflow_run_id": rid})
         summary_keys = ["gpu_hours", "n_picks", "hotspots", "condition_number", "mape.train", "mape.validation"]
         summary_keys += [k for k in metrics if re.fullmatch(r"beta\w*", k)]
         log_batch(ts, parent_id, metrics={k: metrics[k] for k in summary_keys if k in metrics}, step=iteration)
@@ -188,7 +194,7 @@ class _TerminatedOnError:
 
 def _log_calibration(ts: TrackingStore, rid: str, calib: Calibration, *, step: int, picks: list[Pick],
                      gpu_seconds: float | None, stop: StopDecision | None, out_dir: Path,
-                     extra_params: dict[str, Any] | None) -> dict[str, float]:
+                     extra_params: dict[str, Any] | None, provenance: dict[str, Any] | None = None) -> dict[str, float]:
     """Params, metrics, tags and artifacts of one calibration into run ``rid``; returns the metrics."""
     metrics = iteration_metrics(calib, gpu_seconds=gpu_seconds, n_picks=len(picks))
     log_batch(ts, rid, metrics=metrics, step=step)
@@ -198,7 +204,8 @@ def _log_calibration(ts: TrackingStore, rid: str, calib: Calibration, *, step: i
                      "rooflab.stop_json": json_dumps(stop.to_dict(), indent=None)})
     log_batch(ts, rid, params=iteration_params(calib, extra_params), tags=tags)
     context = {k: v for k, v in (extra_params or {}).items() if k in ("hardware", "model", "models", "tp")}
-    write_iteration_artifacts(calib, out_dir, iteration=step, picks=picks, stop=stop, context=context)
+    write_iteration_artifacts(calib, out_dir, iteration=step, picks=picks, stop=stop, context=context,
+                              provenance=provenance or {"mlflow_run_id": rid})
     ts.client.log_artifacts(rid, str(out_dir))
     for p in calib.plots:
         if Path(p).is_file():
@@ -207,7 +214,8 @@ def _log_calibration(ts: TrackingStore, rid: str, calib: Calibration, *, step: i
 
 
 def log_refit(ts: TrackingStore, campaign: str, calib: Calibration, *, artifacts_dir: Path, reason: str = "manual",
-              gpu_seconds: float | None = None, extra_params: dict[str, Any] | None = None) -> str:
+              gpu_seconds: float | None = None, extra_params: dict[str, Any] | None = None,
+              provenance: dict[str, Any] | None = None) -> str:
     """Log a refit outside the campaign loop (a ``rooflab.data.arrived`` refit, a V1 validation) as a
     top-level run of the campaign's experiment (tag ``rooflab.role=refit``, ``rooflab.reason``) with the
     same params, metrics and artifacts as an iteration (no picks). Returns its run id; each call logs a
@@ -220,7 +228,8 @@ def log_refit(ts: TrackingStore, campaign: str, calib: Calibration, *, artifacts
     rid = str(run.info.run_id)
     with _TerminatedOnError(ts, rid):
         _log_calibration(ts, rid, calib, step=0, picks=[], gpu_seconds=gpu_seconds, stop=None,
-                         out_dir=Path(artifacts_dir) / f"refit_{stamp}_{rid[:8]}", extra_params=extra_params)
+                         out_dir=Path(artifacts_dir) / f"refit_{stamp}_{rid[:8]}", extra_params=extra_params,
+                         provenance={**(provenance or {}), "mlflow_run_id": rid})
         ts.client.set_terminated(rid, "FINISHED")
     return rid
 

@@ -11,8 +11,9 @@ continues where it was, with no run collected twice and no iteration recorded tw
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from rooflab.collect.spec import Campaign
 from rooflab.data.sweep import SweepPoint

@@ -16,11 +16,12 @@ concurrency policy stays here.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from rooflab.collect.launchers import RunResult, one_line
 from rooflab.data.saturation import route_run, route_steps, routing_counts
@@ -117,6 +118,7 @@ def run_one(store: Store, launcher: Launcher, campaign: str, rid: str, point: Sw
     attempt = 0
     if status == "failed":
         m = store.manifest(rid)
+        assert m is not None  # the "failed" status was read from this manifest
         attempt = int(m.get("attempt", 1))
         if attempt >= max_retries or not m.get("transient", False):
             return None
@@ -124,7 +126,7 @@ def run_one(store: Store, launcher: Launcher, campaign: str, rid: str, point: Sw
     while attempt < max_retries:
         attempt += 1
         rd = store.begin(rid, point, campaign, replicate, attempt)
-        started = datetime.now(timezone.utc).isoformat()
+        started = datetime.now(UTC).isoformat()
         try:
             result = launcher.run(point, rd)
         except Exception as exc:  # a launcher bug or an unexpected server answer: recorded, never lost

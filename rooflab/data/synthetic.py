@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 
 from rooflab.model.features import featurize
 from rooflab.model.variants import get_variant
@@ -14,7 +15,8 @@ SETTINGS = (("llama-3.1-8b", 1), ("llama-3.1-8b", 4), ("mixtral-8x7b", 2), ("qwe
 TRUE_BETA = np.array([1.6, 1.3, 0.9, 1.2, 3.0, 25.0, 400.0])
 
 
-def synthetic_steps(n_runs: int = 12, steps_per_run: int = 600, settings=SETTINGS, seed: int = 0) -> pd.DataFrame:
+def synthetic_steps(n_runs: int = 12, steps_per_run: int = 600,
+                    settings: tuple[tuple[str, int], ...] = SETTINGS, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     frames = []
     for r in range(n_runs):
@@ -34,7 +36,7 @@ def synthetic_steps(n_runs: int = 12, steps_per_run: int = 600, settings=SETTING
     return pd.concat(frames, ignore_index=True)
 
 
-def with_step_times(steps: pd.DataFrame, beta=TRUE_BETA, variant: str = "roofline7", noise: float = 0.03,
+def with_step_times(steps: pd.DataFrame, beta: ArrayLike = TRUE_BETA, variant: str = "roofline7", noise: float = 0.03,
                     seed: int = 1, formulas: str = "vllm") -> pd.DataFrame:
     """Step times from the model itself times lognormal noise, plus a per-run multiplicative offset of
     noise/3 (steps of one run share conditions, as on real GPUs)."""

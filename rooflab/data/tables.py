@@ -20,13 +20,14 @@ STEP_COLUMNS = {
     "run_id": "string", "step_id": "int64", "model": "string", "tp": "int64", "hardware": "string",
     "t_start_us": "float64", "step_time_us": "float64",
     "prefill_reqs": "float64", "prefill_tokens": "float64", "prefill_context": "float64",
-    "prefill_attn_pairs": "float64", "prefill_logits": "float64",
+    "prefill_attn_pairs": "float64", "prefill_logits": "float64", "prefill_prompt_pairs": "float64",
     "decode_reqs": "float64", "decode_context": "float64",
     "kv_usage": "float64", "preemptions": "float64", "running": "float64", "waiting": "float64",
 }
 _STEP_REQUIRED = ("run_id", "step_id", "model", "tp", "hardware", "step_time_us", "prefill_reqs",
                   "prefill_tokens", "prefill_context", "decode_reqs", "decode_context")
 _STEP_DEFAULTS = {"t_start_us": np.nan, "prefill_attn_pairs": np.nan, "prefill_logits": np.nan,
+                  "prefill_prompt_pairs": np.nan,
                   "kv_usage": np.nan, "preemptions": 0.0, "running": np.nan, "waiting": np.nan}
 _NON_NEGATIVE = ("prefill_reqs", "prefill_tokens", "prefill_context", "decode_reqs", "decode_context",
                  "preemptions")
@@ -40,7 +41,8 @@ REQUEST_COLUMNS = {
 _REQUEST_REQUIRED = ("run_id", "request_id", "prompt_tokens", "output_tokens")
 
 
-def _coerce(df: pd.DataFrame, columns: dict, required, defaults: dict, source: str, kind: str) -> pd.DataFrame:
+def _coerce(df: pd.DataFrame, columns: dict, required: tuple[str, ...], defaults: dict, source: str,
+            kind: str) -> pd.DataFrame:
     if not isinstance(df, pd.DataFrame):
         raise InputError(source, None, f"{kind} table must be a DataFrame")
     for col in required:
@@ -107,14 +109,17 @@ def aggregate_entries(entries: pd.DataFrame, source: str = "<entries>") -> pd.Da
     c = entries["context_before"].to_numpy(dtype=np.float64)
     pf = (phase == "prefill").to_numpy()
     if "prompt_tokens" in entries.columns:
-        last_chunk = pf & (c + n >= entries["prompt_tokens"].to_numpy(dtype=np.float64))
+        prompt = entries["prompt_tokens"].to_numpy(dtype=np.float64)
+        last_chunk = pf & (c + n >= prompt)
+        prompt_pairs = np.where(pf, n * (prompt + n / 2), 0.0)  # BLIS's attention term: chunk vs the FULL prompt
     else:
         last_chunk = np.full(len(n), np.nan)
+        prompt_pairs = np.full(len(n), np.nan)
     frame = pd.DataFrame({
         "run_id": entries["run_id"].to_numpy(), "step_id": entries["step_id"].to_numpy(),
         "prefill_reqs": pf.astype(float), "prefill_tokens": np.where(pf, n, 0.0),
         "prefill_context": np.where(pf, c, 0.0), "prefill_attn_pairs": np.where(pf, n * c + n * (n + 1) / 2, 0.0),
-        "prefill_logits": last_chunk.astype(float),
+        "prefill_logits": last_chunk.astype(float), "prefill_prompt_pairs": prompt_pairs,
         "decode_reqs": (~pf).astype(float), "decode_context": np.where(~pf, c, 0.0),
     })
     return frame.groupby(["run_id", "step_id"], sort=True, as_index=False).sum(min_count=1)

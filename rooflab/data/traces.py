@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from rooflab.data.adapters.inference_perf import read_per_request
-from rooflab.data.adapters.real_requests import DEFAULT_ROOT, read_real_run
+from rooflab.data.adapters.real_requests import DEFAULT_ROOT, RealRun, read_real_run
 from rooflab.data.store import Store
 from rooflab.data.tables import validate_requests
 from rooflab.errors import InputError
@@ -46,7 +46,7 @@ class Trace:
     def n_requests(self) -> int:
         return len(self.requests)
 
-    def window(self, t0_s: float, t1_s: float, lead_s: float = 30.0) -> "Trace":
+    def window(self, t0_s: float, t1_s: float, lead_s: float = 30.0) -> Trace:
         """The requests arriving in [t0 − lead, t1) seconds after the first arrival; those before t0 only
         warm the engine up (column ``scored`` False)."""
         r = self.requests
@@ -62,12 +62,12 @@ _TRACE_COLUMNS = ("request_id", "arrival_us", "prompt_tokens", "output_tokens", 
                   "failed", "ttft_us", "e2e_us", "itl_us")
 
 
-def request_itl(ttft, e2e, out):
+def request_itl(ttft: np.ndarray, e2e: np.ndarray, out: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(out > 1, (e2e - ttft) / (out - 1), np.nan)
 
 
-def trace_from_real(run, prefix: str = "prompt") -> Trace:
+def trace_from_real(run: RealRun, prefix: str = "prompt") -> Trace:
     """A :class:`~rooflab.data.adapters.real_requests.RealRun` as a trace.
 
     ``prefix``: how the replay's prefix cache sees the prompts. inference-perf's shared_prefix workload
@@ -96,11 +96,13 @@ def trace_from_real(run, prefix: str = "prompt") -> Trace:
     out = np.maximum(out, 1.0)
     slot = q["prompt_id"].to_numpy()
     sp = run.shared_prefix or {}
+    no_group = np.array(None, dtype=object)  # (not a bare None: numpy's stubs read where(c, x, None) as where(c))
     if prefix == "prompt" and (slot >= 0).any():
-        group = np.where(slot >= 0, "slot" + pd.Series(slot).astype(str).to_numpy(), None)
+        group = np.where(slot >= 0, "slot" + pd.Series(slot).astype(str).to_numpy(), no_group)
         ptoks = prompt
     elif prefix == "system" and (slot >= 0).any() and sp.get("num_prompts_per_group"):
-        group = np.where(slot >= 0, "sys" + pd.Series(slot // int(sp["num_prompts_per_group"])).astype(str).to_numpy(), None)
+        names = "sys" + pd.Series(slot // int(sp["num_prompts_per_group"])).astype(str).to_numpy()
+        group = np.where(slot >= 0, names, no_group)
         ptoks = np.minimum(q["prefix_tokens"].fillna(0).to_numpy(dtype=float), prompt)
     else:
         group = np.full(len(q), None, dtype=object)
@@ -128,7 +130,7 @@ def trace_from_real(run, prefix: str = "prompt") -> Trace:
                  run.sources.get("requests", run.run_id), notes)
 
 
-def read_real_trace(name: str | Path, root=None, prefix: str = "prompt") -> Trace:
+def read_real_trace(name: str | Path, root: str | Path | None = None, prefix: str = "prompt") -> Trace:
 
     return trace_from_real(read_real_run(name, root or DEFAULT_ROOT), prefix)
 
@@ -164,7 +166,7 @@ ENGINE_KEYS = ("max_num_seqs", "max_num_batched_tokens", "block_size", "gpu_memo
                 "enable_prefix_caching", "num_gpu_blocks")
 
 
-def read_store_trace(store, run_id: str) -> Trace:
+def read_store_trace(store: Store | str | Path, run_id: str) -> Trace:
     """A data store run (``<store>/runs/<run_id>``) as a trace: its request table and the manifest's settings."""
 
     st = store if isinstance(store, Store) else Store(store)
@@ -204,7 +206,7 @@ def read_inference_perf(path: str | Path, *, model: str, tp: int, hardware: str 
                  str(path))
 
 
-def read_trace(spec: str | Path, *, root=None, prefix: str = "prompt", model: str | None = None,
+def read_trace(spec: str | Path, *, root: str | Path | None = None, prefix: str = "prompt", model: str | None = None,
                tp: int | None = None, hardware: str = "H100-SXM", engine: dict | None = None,
                time_scale: float | None = None) -> Trace:
     """Any supported request trace: a real run (name, request file or ``runs/<run>`` folder under the real

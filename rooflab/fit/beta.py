@@ -18,13 +18,16 @@ non-negative least squares on request rows, bootstrapped the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 from scipy.optimize import lsq_linear, nnls
 
 from rooflab.errors import InputError
-from rooflab.model.variants import DEFAULT_VARIANT, Variant, get_variant
+from rooflab.model.terms import Variant
+from rooflab.model.variants import DEFAULT_VARIANT, get_variant
 
 DEFAULT_PRIOR_STRENGTH = 1e-3
 PRIOR_GRID = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -74,7 +77,7 @@ def build_design(X: np.ndarray, y: np.ndarray, run_ids: np.ndarray, variant: Var
     bounds, unit_run = [], []
     for r, (a, b) in enumerate(zip(starts, ends)):
         if unit_kind == "run":
-            cuts = [a, b]
+            cuts = np.array([a, b])
         else:
             cuts = np.unique(np.linspace(a, b, min(BLOCKS_PER_RUN, b - a) + 1).round().astype(int))
         bounds += list(zip(cuts[:-1], cuts[1:]))
@@ -176,27 +179,34 @@ class BetaFit:
     unit_kind: str
     n_units: int
     ci: float
+    run_gram: np.ndarray  # (runs, p+1, p+1): Gram matrix of each run's relative rows [x/y, 1]
+    run_rows: np.ndarray  # (runs,) fitted steps per run
     loro: dict = field(default_factory=dict)  # run -> β fitted without that run
     ties: dict = field(default_factory=dict)  # held term -> term that took the shared effect
-    run_gram: np.ndarray | None = None  # (runs, p+1, p+1): Gram matrix of each run's relative rows [x/y, 1]
-    run_rows: np.ndarray | None = None  # (runs,) fitted steps per run
 
     @property
     def names(self) -> list[str]:
         return self.variant.names
 
-    def predict(self, features) -> np.ndarray:
+    def predict(self, features: pd.DataFrame | dict[str, Any]) -> np.ndarray:
         return self.variant.predict(features, self.beta)
 
     def coefficients(self) -> dict[str, float]:
         return dict(zip(self.names, map(float, self.beta)))
 
+    def ci95(self) -> np.ndarray:
+        """(p, 2) 95% intervals from the whole-run bootstrap draws (the point estimate where there are none)."""
+        if len(self.draws) < 2:
+            return np.column_stack([self.beta, self.beta])
+        return np.quantile(self.draws, [0.025, 0.975], axis=0).T
+
     def to_dict(self) -> dict:
+        ci95 = self.ci95()
         return {
             "variant": self.variant.name, "formulas": self.formulas,
-            "coefficients": {t.name: {"value": float(b), "lower": float(lo), "upper": float(hi), "unit": t.unit,
-                                      "meaning": t.meaning}
-                             for t, b, lo, hi in zip(self.variant.terms, self.beta, self.lower, self.upper)},
+            "coefficients": {t.name: {"value": float(b), "lower": float(lo), "upper": float(hi),
+                                      "ci95": [float(c[0]), float(c[1])], "unit": t.unit, "meaning": t.meaning}
+                             for t, b, lo, hi, c in zip(self.variant.terms, self.beta, self.lower, self.upper, ci95)},
             "interval": self.ci, "prior_strength": self.prior_strength, "prior_selection": self.prior_selection,
             "bootstrap": {"unit": self.unit_kind, "units": self.n_units, "draws": int(len(self.draws))},
             "n_steps": self.n_steps, "runs": self.runs, "ties": self.ties,
@@ -214,7 +224,7 @@ def _heldout_mape(design: Design, Zs_by_run: dict, lam: float) -> float:
     return float(np.mean(errs)) if errs else np.nan
 
 
-def fit_beta(X: np.ndarray, y: np.ndarray, run_ids, variant: str | Variant = DEFAULT_VARIANT, *,
+def fit_beta(X: np.ndarray, y: np.ndarray, run_ids: ArrayLike, variant: str | Variant = DEFAULT_VARIANT, *,
              formulas: str = "vllm", prior_strength: float | str = "auto", n_boot: int = 200, ci: float = 0.90,
              seed: int = 0, order: np.ndarray | None = None) -> BetaFit:
     """Fit β on unsaturated steps. ``X`` = design matrix of the variant, ``y`` = step times (µs)."""
@@ -282,15 +292,19 @@ class AlphaFit:
     upper: np.ndarray | None
     n_requests: int
     reason: str = ""
+    draws: np.ndarray | None = None  # (n_boot, 3) bootstrap draws
 
     def to_dict(self) -> dict:
-        if self.alpha is None:
+        if self.alpha is None or self.lower is None or self.upper is None:
             return {"fitted": False, "reason": self.reason}
         names = ("alpha0", "alpha1", "alpha2")
         units = ("µs", "µs", "µs/token")
+        d = self.draws if self.draws is not None and len(self.draws) >= 2 else np.vstack([self.alpha, self.alpha])
+        ci95 = np.quantile(d, [0.025, 0.975], axis=0).T
         return {"fitted": True, "n_requests": self.n_requests, "coefficients": {
-            n: {"value": float(a), "lower": float(lo), "upper": float(hi), "unit": u}
-            for n, a, lo, hi, u in zip(names, self.alpha, self.lower, self.upper, units)}}
+            n: {"value": float(a), "lower": float(lo), "upper": float(hi), "ci95": [float(c[0]), float(c[1])],
+                "unit": u}
+            for n, a, lo, hi, c, u in zip(names, self.alpha, self.lower, self.upper, ci95, units)}}
 
 
 def _alpha_point(q: np.ndarray, post: np.ndarray, nout: np.ndarray) -> np.ndarray:
@@ -320,14 +334,14 @@ def fit_alpha(requests: pd.DataFrame, *, n_boot: int = 200, ci: float = 0.90, se
     rng = np.random.default_rng(seed)
     runs, run_idx = np.unique(r["run_id"].astype(str).to_numpy(), return_inverse=True)
     by_run = np.split(np.argsort(run_idx, kind="stable"), np.cumsum(np.bincount(run_idx))[:-1])
-    draws = []
+    boot = []
     for _ in range(n_boot):
         if len(runs) >= MIN_RUNS_FOR_RUN_BOOTSTRAP:
             idx = np.concatenate([by_run[k] for k in rng.integers(0, len(runs), len(runs))])
         else:
             idx = rng.integers(0, len(r), len(r))
-        draws.append(_alpha_point(q[idx][ok_q[idx]], post[idx][ok_p[idx]], nout[idx][ok_p[idx]]))
-    draws = np.array(draws) if draws else np.array([point])
+        boot.append(_alpha_point(q[idx][ok_q[idx]], post[idx][ok_p[idx]], nout[idx][ok_p[idx]]))
+    draws = np.array(boot) if boot else np.array([point])
     a = (1 - ci) / 2
     lo, hi = np.quantile(draws, [a, 1 - a], axis=0)
-    return AlphaFit(point, lo, hi, int(max(ok_q.sum(), ok_p.sum())))
+    return AlphaFit(point, lo, hi, int(max(ok_q.sum(), ok_p.sum())), draws=draws)

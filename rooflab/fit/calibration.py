@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +20,14 @@ from rooflab.fit.residuals import (
     summary,
 )
 from rooflab.model.coefficients import Coefficients
-from rooflab.model.features import DEFAULT_FORMULAS, featurize
-from rooflab.model.variants import DEFAULT_VARIANT, get_variant
+from rooflab.model.features import featurize
+from rooflab.model.variants import DEFAULT_VARIANT, get_variant, resolve_formulas
 
 
 @dataclass(frozen=True)
 class Options:
     variant: str = DEFAULT_VARIANT
-    formulas: str = DEFAULT_FORMULAS
+    formulas: str | None = None  # None: the variant's own (vllm for rooflab's variants, blis for BLIS's)
     prior_strength: float | str = "auto"
     n_boot: int = 200
     ci: float = 0.90
@@ -47,6 +47,7 @@ class Calibration:
     influence: pd.DataFrame
     specification: dict = field(default_factory=dict)  # RESET / Breusch–Pagan on run-level aggregates
     plots: list[Path] = field(default_factory=list)
+    scope: dict = field(default_factory=dict)  # what the fit covers: hardware, models, TP degrees of its steps
 
     @property
     def health_overall(self) -> str:
@@ -73,7 +74,7 @@ class Calibration:
             "accuracy": self.accuracy, "residual_buckets": self.residuals.to_dict(orient="records"),
             "hotspots": self.hotspots.to_dict(orient="records"),
             "run_influence": self.influence.to_dict(orient="records"),
-            "specification": self.specification,
+            "specification": self.specification, "scope": self.scope,
             "plots": [str(p) for p in self.plots],
         }
 
@@ -94,6 +95,8 @@ def calibrate(steps: pd.DataFrame, requests: pd.DataFrame | None = None, options
         from rooflab.errors import InputError
 
         raise InputError(None, "steps", "no steps to calibrate (no complete, unsaturated run with step data)")
+    options = replace(options, formulas=resolve_formulas(variant, options.formulas))
+    assert options.formulas is not None
     routing = route_steps(steps)
     feats = featurize(steps, options.formulas, fp8_peak=options.fp8_peak)
     X = variant.design_matrix(feats)
@@ -129,6 +132,11 @@ def calibrate(steps: pd.DataFrame, requests: pd.DataFrame | None = None, options
     calib = Calibration(options, {"total": counts, "per_run": _routing_counts(steps, routing.saturated, has_time)},
                         beta, alpha, health, residuals, accuracy, influence,
                         specification_tests(steps[train], y[train], pred[train]))
+    fitted = steps[train]
+    calib.scope = {"hardware": sorted(map(str, fitted["hardware"].unique())),
+                   "models": sorted(map(str, fitted["model"].unique())),
+                   "tp": sorted(int(t) for t in fitted["tp"].unique()), "runs": len(beta.runs),
+                   "steps": int(train.sum())}
     if plots_dir is not None:
         calib.plots = plot_residuals(steps[train], y[train], pred[train], residuals[residuals.split == "train"],
                                      plots_dir, title=f"({options.variant}, {options.formulas})")

@@ -3,6 +3,8 @@ Held-out units are whole runs or whole models, never random steps (steps of one 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 
@@ -11,7 +13,7 @@ from rooflab.fit.beta import fit_beta
 from rooflab.fit.calibration import Options
 from rooflab.fit.residuals import summary
 from rooflab.model.features import featurize
-from rooflab.model.variants import get_variant
+from rooflab.model.variants import get_variant, resolve_formulas
 
 
 def _usable(steps: pd.DataFrame) -> np.ndarray:
@@ -23,6 +25,8 @@ def held_out_errors(steps: pd.DataFrame, groups: list[tuple[str, np.ndarray, np.
                     features: pd.DataFrame | None = None) -> pd.DataFrame:
     """For each (label, train mask, test mask): fit on train (no bootstrap), report test-step error."""
     variant = get_variant(options.variant)
+    options = replace(options, formulas=resolve_formulas(variant, options.formulas))
+    assert options.formulas is not None
     feats = featurize(steps, options.formulas, fp8_peak=options.fp8_peak) if features is None else features
     X = variant.design_matrix(feats)
     y = steps["step_time_us"].to_numpy(dtype=np.float64)

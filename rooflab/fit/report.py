@@ -17,7 +17,10 @@ def _num(v: float, digits: int = 4) -> str:
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
-    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()
+
+    def line(r: list[str]) -> str:
+        return "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()
+
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
@@ -25,8 +28,8 @@ def render(c: Calibration, top_buckets: int = 40) -> str:
     b = c.beta
     out = []
     t = c.routing["total"]
-    out.append(f"rooflab calibration — variant {b.variant.name}, formulas {b.formulas}, prior strength λ={b.prior_strength:g}"
-               f" ({b.prior_selection['method']})")
+    out.append(f"rooflab calibration — variant {b.variant.name}, formulas {b.formulas}, "
+               f"prior strength λ={b.prior_strength:g} ({b.prior_selection['method']})")
     out.append(f"steps: {t['steps']} total, {t['with_step_time']} with a step time, {t['saturated']} saturated "
                f"(KV>95%: {t['saturated_kv_usage']}, preemption: {t['saturated_preemption']}), "
                f"{t['held_out_validation']} held out for validation, {t['fit']} fitted; runs: {len(b.runs)}")
@@ -48,8 +51,8 @@ def render(c: Calibration, top_buckets: int = 40) -> str:
         out.append(f"α: not fitted ({a['reason']})")
     out.append("")
     out.append(f"health: {overall(c.health).upper()}")
-    rows = [[h.check, h.target, h.status.upper() if h.status != "pass" else h.status, _num(h.value, 3), h.rule, h.action]
-            for h in c.health]
+    rows = [[h.check, h.target, h.status.upper() if h.status != "pass" else h.status, _num(h.value, 3), h.rule,
+             h.action] for h in c.health]
     out.append(_table(rows, ["check", "target", "status", "value", "rule", "action"]))
     out.append("")
     for split, s in c.accuracy.items():

@@ -92,8 +92,9 @@ def _as_start(start: Coefficients | None, options: E2EOptions) -> Coefficients:
         return prior_coefficients(options.variant, options.formulas)
     v = get_variant(options.variant)
     beta = {n: float(start.beta.get(n, PRIOR_START[n])) for n in v.names}
-    if start.tp_comm == "blis":
-        raise InputError(start.source, "tp_comm", "start e2e calibration from rooflab coefficients, not a BLIS mapping")
+    if start.variant != v.name and start.formulas == "blis":
+        raise InputError(start.source, "variant", f"start {v.name} from coefficients of the same variant, not "
+                         f"{start.variant}")
     return Coefficients(beta, tuple(start.alpha), v.name, start.formulas or options.formulas, start.source,
                         start.alpha_fitted, list(start.notes))
 

@@ -10,7 +10,7 @@ BLIS build; no BLIS code is used. BLIS's quirks are reproduced on purpose and ma
 Depends on: numpy; rooflab.errors.InputError; rooflab.files.read_yaml; rooflab.paths.CONFIGS_DIR;
 rooflab.model.arch.ModelArch (only ``.source``, the config.json path: BLIS reads the model shape its
 own way, so this module re-reads the file rather than reuse rooflab's ModelArch);
-rooflab.model.variants (Term, Variant); data: configs/blis/hardware.yaml (BLIS's hardware table).
+rooflab.model.terms (Term, Variant); data: configs/blis/hardware.yaml (BLIS's hardware table).
 Only DP = 1 is supported (BLIS's default), so the MoE dispatch basis (β_EP) is always 0.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 from rooflab.errors import InputError
 from rooflab.files import read_yaml
 from rooflab.model.arch import ModelArch
-from rooflab.model.variants import Term, Variant
+from rooflab.model.terms import Term, Variant
 from rooflab.paths import CONFIGS_DIR
 
 HARDWARE_FILE = CONFIGS_DIR / "blis" / "hardware.yaml"
@@ -461,7 +461,7 @@ _BLIS_TERMS = (
 _BETA_EP = _term("beta_ep", "BLIS MoE dispatch/combine volume at HBM bandwidth (DP > 1 only; 0 here)", "×", 1.0)
 
 BLIS_VARIANTS = {
-    "blis-tp10": Variant("blis-tp10", _BLIS_TERMS),
-    "blis-tp11": Variant("blis-tp11", _BLIS_TERMS + (_BETA_EP,)),
+    "blis-tp10": Variant("blis-tp10", _BLIS_TERMS, formulas=("blis",)),
+    "blis-tp11": Variant("blis-tp11", _BLIS_TERMS + (_BETA_EP,), formulas=("blis",)),
 }
 assert tuple(t.name for t in BLIS_VARIANTS["blis-tp11"].terms) == BLIS_BETA_ORDER

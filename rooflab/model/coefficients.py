@@ -8,9 +8,10 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rooflab.errors import InputError
-from rooflab.model.variants import get_variant
+from rooflab.model.variants import get_variant, resolve_formulas
 
 ALPHA_NAMES = ("alpha0", "alpha1", "alpha2")
 
@@ -26,19 +27,19 @@ class Coefficients:
     source: str = ""
     alpha_fitted: bool = True
     notes: list = field(default_factory=list)
-    tp_comm: str = "rooflab"  # "blis": β5 multiplies BLIS's TP volume (2L·2(TP−1)/TP·T·d·b_act / HBM), not f_tp
 
-    def with_values(self, beta: dict | None = None, alpha=None, source: str | None = None) -> "Coefficients":
+    def with_values(self, beta: dict | None = None, alpha=None, source: str | None = None) -> Coefficients:
         return Coefficients({**self.beta, **(beta or {})}, tuple(alpha) if alpha is not None else self.alpha,
                             self.variant, self.formulas, source or self.source,
-                            self.alpha_fitted or alpha is not None, list(self.notes), self.tp_comm)
+                            self.alpha_fitted or alpha is not None, list(self.notes))
 
     def to_dict(self) -> dict:
         return {"format": "rooflab.coefficients/1", "variant": self.variant, "formulas": self.formulas,
                 "beta": {k: {"value": float(v)} for k, v in self.beta.items()},
                 "alpha": {"fitted": bool(self.alpha_fitted), "coefficients": {
-                    n: {"value": float(v), "unit": u} for n, v, u in zip(ALPHA_NAMES, self.alpha, ("µs", "µs", "µs/token"))}},
-                "source": self.source, "notes": list(self.notes), "tp_comm": self.tp_comm}
+                    n: {"value": float(v), "unit": u}
+                    for n, v, u in zip(ALPHA_NAMES, self.alpha, ("µs", "µs", "µs/token"))}},
+                "source": self.source, "notes": list(self.notes)}
 
 
 def _num(v) -> bool:
@@ -62,7 +63,7 @@ def coefficients_from_doc(doc, source: str = "") -> Coefficients:
         beta[str(name)] = float(v)
     variant = doc.get("variant") or (b.get("variant") if isinstance(b, dict) else None) or \
         ("roofline7+layers" if "beta_layer" in beta else "roofline7")
-    formulas = doc.get("formulas") or (b.get("formulas") if isinstance(b, dict) else None) or "vllm"
+    formulas = doc.get("formulas") or (b.get("formulas") if isinstance(b, dict) else None)
     a = doc.get("alpha") or {}
     notes = list(doc.get("notes") or [])
     if isinstance(a, dict) and a.get("fitted"):
@@ -81,12 +82,13 @@ def coefficients_from_doc(doc, source: str = "") -> Coefficients:
 
     try:
         known = set(get_variant(variant).names)
+        formulas = resolve_formulas(variant, formulas)
     except InputError as exc:
-        raise InputError(source, "variant", exc.problem) from None
+        raise InputError(source, exc.field or "variant", exc.problem) from None
     unknown = sorted(set(beta) - known)
     if unknown:
         raise InputError(source, f"beta.{unknown[0]}", f"not a term of variant {variant}")
-    return Coefficients(beta, alpha, variant, formulas, source, fitted, notes, doc.get("tp_comm", "rooflab"))
+    return Coefficients(beta, alpha, variant, formulas, source, fitted, notes)
 
 
 def load_coefficients(path: str | Path) -> Coefficients:
@@ -119,41 +121,23 @@ def load_coefficients(path: str | Path) -> Coefficients:
     return coefficients_from_doc(doc, str(path))
 
 
-BLIS_BETA_NAMES = ("β1a", "β2a", "β3", "β4", "β5", "β6", "β7", "β8", "β1b", "β2b", "β_EP")
-
-
-
-
-def blis_coefficients(doc, source: str = "") -> Coefficients:
-    """BLIS trained-physics coefficients (``trained_physics_coefficients: {alpha_coeffs[3], beta_coeffs[10|11]}``)
-    mapped onto rooflab's roofline7+layers terms. Where the terms map:
-
-    * β1 ← β1a (prefill compute; BLIS's β1b prefill-KV term is 0 in the shipped set, rooflab's prefill
-      roofline is compute-bound on these prompts);
-    * β2 ← β2b (decode KV memory; BLIS's β2a decode-compute term is 0 in the shipped set);
-    * β3 ← β3 (weights), β4 ← β3 as well (BLIS streams all N experts under β3; rooflab's routed-expert
-      term streams N_eff — same efficiency, different volume);
-    * β5 ← β4, applied to BLIS's own TP volume (L(attn) + L(FFN) all-reduces moving 2(TP−1)/TP·T·d·b_act
-      at HBM bandwidth), which the timer computes itself (``tp_comm = "blis"``), since rooflab's f_tp is
-      a different quantity;
-    * β6 ← β6, β7 ← β7, β_layer ← β5 (µs/layer).
-
-    Not mapped: β8 (per-MoE-layer overhead, interleaved MoE only — none of the real models), β_EP (no
-    expert parallelism here); BLIS's prefill FLOPs omit the LM head and use Σ n(c + n/2) pairs, so the same
-    β multiplies slightly different features."""
+def blis_coefficients(doc: Any, source: str = "") -> Coefficients:
+    """BLIS trained-physics coefficients (``trained_physics_coefficients: {alpha_coeffs[3], beta_coeffs[10|11]}``,
+    the layout of BLIS's ``defaults.yaml`` and of ``rooflab export --format blis``) as rooflab's BLIS variant,
+    term for term: ``blis-tp10`` or ``blis-tp11`` (docs/blis.md §3-§4). Replayed with BLIS's own step time
+    and α semantics, so the set means what it means in BLIS."""
     block = doc.get("trained_physics_coefficients") if isinstance(doc, dict) else None
     if not isinstance(block, dict):
         raise InputError(source, "trained_physics_coefficients", "missing: not a BLIS coefficients YAML")
     a, b = block.get("alpha_coeffs"), block.get("beta_coeffs")
-    if not isinstance(a, list) or len(a) != 3 or not all(_num(v) for v in a):
-        raise InputError(source, "trained_physics_coefficients.alpha_coeffs", "expected 3 numbers")
-    if not isinstance(b, list) or len(b) not in (10, 11) or not all(_num(v) for v in b):
-        raise InputError(source, "trained_physics_coefficients.beta_coeffs", "expected 10 or 11 numbers")
-    B = dict(zip(BLIS_BETA_NAMES, map(float, b)))
-    beta = {"beta1": B["β1a"], "beta2": B["β2b"], "beta3": B["β3"], "beta4": B["β3"], "beta5": B["β4"],
-            "beta6": B["β6"], "beta7": B["β7"], "beta_layer": B["β5"]}
-    notes = ["BLIS trained-physics mapped onto rooflab features: β1←β1a, β2←β2b, β3←β3, β4←β3 (all-expert vs "
-             "N_eff volume), β5←β4 (on BLIS's TP volume), β6←β6, β7←β7, β_layer←β5",
-             f"not mapped: β2a={B['β2a']:g} (decode compute), β1b={B['β1b']:g} (prefill KV), β8={B['β8']:g} µs/MoE-layer "
-             "(interleaved MoE only), β_EP (no expert parallelism)"]
-    return Coefficients(beta, tuple(map(float, a)), "roofline7+layers", "vllm", source, True, notes, "blis")
+    if not isinstance(a, list) or len(a) != 3 or not all(_num(v) and v >= 0 for v in a):
+        raise InputError(source, "trained_physics_coefficients.alpha_coeffs", "expected 3 non-negative numbers")
+    if not isinstance(b, list) or len(b) not in (10, 11) or not all(_num(v) and v >= 0 for v in b):
+        raise InputError(source, "trained_physics_coefficients.beta_coeffs",
+                         "expected 10 or 11 non-negative numbers (rooflab's BLIS variants blis-tp10 / blis-tp11; "
+                         "the 7-9 coefficient max() forms are not supported)")
+    variant = "blis-tp11" if len(b) == 11 else "blis-tp10"
+    beta = dict(zip(get_variant(variant).names, map(float, b)))
+    return Coefficients(beta, tuple(map(float, a)), variant, "blis", source, True,
+                        [f"BLIS trained-physics coefficients, {len(b)} β: replayed as rooflab's {variant} variant "
+                         "with BLIS's step time (truncated to whole µs) and α semantics"])

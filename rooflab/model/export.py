@@ -50,6 +50,7 @@ from pathlib import Path
 
 from rooflab.errors import InputError
 from rooflab.files import atomic_write_text
+from rooflab.model.blis import BLIS_BETA_ORDER
 
 FORMAT = "rooflab.coefficients/1"
 BLIS_KEY = "trained_physics_coefficients"
@@ -152,6 +153,11 @@ def _context(doc: dict) -> dict:
     tps = sorted({str(b["bucket"]) for b in buckets if b.get("dimension") == "tp"},
                  key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
     ctx = {"models": models, "tp": [int(t) if t.isdigit() else t for t in tps], "hardware": None}
+    scope = doc.get("scope") or {}
+    if scope.get("models"):
+        ctx.update(models=list(scope["models"]), tp=list(scope.get("tp") or ctx["tp"]))
+    if len(scope.get("hardware") or []) == 1:
+        ctx["hardware"] = scope["hardware"][0]
     ctx.update({k: v for k, v in (doc.get("context") or {}).items() if v is not None})
     if doc.get("source"):
         ctx["source"] = doc["source"]
@@ -233,17 +239,26 @@ def _value(coefs: dict, name: str | None, key: str = "value") -> float:
     return 0.0 if v is None else v
 
 
+def is_blis_variant(doc: dict) -> bool:
+    """A fit of BLIS's own basis (variants blis-tp10 / blis-tp11): its coefficients export term for term."""
+    return (doc.get("beta") or {}).get("formulas") == "blis"
+
+
 def to_blis(calib, *, alpha_fallback: list[float] | None = None) -> dict:
-    """``{"trained_physics_coefficients": {"alpha_coeffs": [3], "beta_coeffs": [11]}}`` — the layout of
-    BLIS's ``defaults.yaml`` (see the module docstring for the β mapping). Without fitted α the α are
-    ``alpha_fallback`` (default 0)."""
+    """``{"trained_physics_coefficients": {"alpha_coeffs": [3], "beta_coeffs": [10|11]}}`` — the layout of
+    BLIS's ``defaults.yaml``. A BLIS-variant fit exports exactly, in BLIS's order (10 or 11 β); any other
+    variant is mapped approximately onto the 11 slots (the module docstring's table). Without fitted α the α
+    are ``alpha_fallback`` (default 0)."""
     doc = as_dict(calib)
     coefs = doc["beta"]["coefficients"]
-    beta = [_value(coefs, r) for _, _, _, r, _ in _BLIS_BETA]
-    scale, _ = _tp_scale(doc)
-    for i, (name, *_rest) in enumerate(_BLIS_BETA):
-        if name in ("β4", "β_EP"):
-            beta[i] *= scale
+    if is_blis_variant(doc):
+        beta = [_value(coefs, n) for n in BLIS_BETA_ORDER if n in coefs]
+    else:
+        beta = [_value(coefs, r) for _, _, _, r, _ in _BLIS_BETA]
+        scale, _ = _tp_scale(doc)
+        for i, (name, *_rest) in enumerate(_BLIS_BETA):
+            if name in ("β4", "β_EP"):
+                beta[i] *= scale
     a = doc.get("alpha") or {}
     if a.get("fitted"):
         alpha = [_value(a["coefficients"], r) for _, _, _, r in _BLIS_ALPHA]
@@ -278,7 +293,8 @@ def _g(v) -> str:
 
 
 def blis_yaml(calib, *, alpha_fallback: list[float] | None = None) -> str:
-    """The BLIS coefficients as YAML text, with comments on the source of every value."""
+    """The BLIS coefficients as YAML text, with comments on the source of every value and, for a non-BLIS
+    variant, a plain statement that the mapping is approximate."""
     doc = as_dict(calib)
     layout = to_blis(doc, alpha_fallback=alpha_fallback)[BLIS_KEY]
     j = to_json(doc)
@@ -286,10 +302,15 @@ def blis_yaml(calib, *, alpha_fallback: list[float] | None = None) -> str:
     coefs = b["coefficients"]
     ci = b.get("interval") or 0.9
     ctx, data = j["context"], j["data"]
+    exact = is_blis_variant(doc)
     lines = [
         "# BLIS trained-physics coefficients fitted by rooflab (layout of BLIS defaults.yaml).",
-        f"# variant {b.get('variant')}, feature formulas {b.get('formulas')}, prior strength "
-        f"λ={_g(_num(b.get('prior_strength')))}; {int(round(ci * 100))}% bootstrap intervals in the comments.",
+        ("# EXACT: fitted on BLIS's own basis (rooflab variant " + str(b.get("variant")) + "): BLIS loads these 1:1."
+         if exact else
+         f"# APPROXIMATE: fitted on rooflab's {b.get('variant')} ({b.get('formulas')} formulas), whose terms BLIS "
+         "does not have; mapped onto BLIS's slots as the comments say. Fit the blis-tp10/11 variant for an exact set."),
+        f"# prior strength λ={_g(_num(b.get('prior_strength')))}; {int(round(ci * 100))}% bootstrap intervals "
+        "in the comments.",
         f"# models: {', '.join(ctx.get('models') or []) or '-'}; TP: "
         f"{', '.join(map(str, ctx.get('tp') or [])) or '-'}; hardware: {ctx.get('hardware') or '-'}",
         f"# data: {data.get('steps')} steps ({data.get('steps_fitted')} fitted), {data.get('runs')} runs, "
@@ -307,20 +328,27 @@ def blis_yaml(calib, *, alpha_fallback: list[float] | None = None) -> str:
             lines.append(f"  # {name}: {meaning} ({unit}) = {_g(v)} — NOT FITTED "
                          f"({a.get('reason', 'no request data')}): {'fallback value' if alpha_fallback else '0'}")
     lines.append(f"  alpha_coeffs: [{', '.join(_f(v) for v in layout['alpha_coeffs'])}]")
-    lines.append("  # Beta coefficients (BLIS order); ← the rooflab term each comes from")
-    for i, ((name, meaning, unit, r, note), v) in enumerate(zip(_BLIS_BETA, layout["beta_coeffs"])):
-        if r is not None and r in coefs:
-            src = f"← {r} {_g(v)} [{_g(_num(coefs[r].get('lower')))}, {_g(_num(coefs[r].get('upper')))}]"
-        elif r is not None:
-            src = f"← {r}: not in variant {b.get('variant')} → 0"
-        else:
-            src = "← unmapped → 0"
-        if name in ("β4", "β_EP") and _tp_scale(doc)[1]:
-            note = _tp_scale(doc)[1] + (f"; {note}" if note else "")
-        lines.append(f"  # [{i}] {name}: {meaning} ({unit}) {src}" + (f"; {note}" if note else ""))
-    for r, why in UNMAPPED_ROOFLAB.items():
-        if r in coefs:
-            lines.append(f"  # not exported: rooflab {r} = {_g(_value(coefs, r))} ({why})")
+    if exact:
+        lines.append("  # Beta coefficients (BLIS order), each the same term in rooflab's BLIS variant")
+        for i, (name, v) in enumerate(zip([n for n in BLIS_BETA_ORDER if n in coefs], layout["beta_coeffs"])):
+            c = coefs[name]
+            lines.append(f"  # [{i}] {_BLIS_BETA[i][0]} = {name}: {c.get('meaning')} ({c.get('unit')}) {_g(v)} "
+                         f"[{_g(_num(c.get('lower')))}, {_g(_num(c.get('upper')))}]")
+    else:
+        lines.append("  # Beta coefficients (BLIS order); ← the rooflab term each comes from")
+        for i, ((name, meaning, unit, r, note), v) in enumerate(zip(_BLIS_BETA, layout["beta_coeffs"])):
+            if r is not None and r in coefs:
+                src = f"← {r} {_g(v)} [{_g(_num(coefs[r].get('lower')))}, {_g(_num(coefs[r].get('upper')))}]"
+            elif r is not None:
+                src = f"← {r}: not in variant {b.get('variant')} → 0"
+            else:
+                src = "← unmapped → 0"
+            if name in ("β4", "β_EP") and _tp_scale(doc)[1]:
+                note = _tp_scale(doc)[1] + (f"; {note}" if note else "")
+            lines.append(f"  # [{i}] {name}: {meaning} ({unit}) {src}" + (f"; {note}" if note else ""))
+        for r, why in UNMAPPED_ROOFLAB.items():
+            if r in coefs:
+                lines.append(f"  # not exported: rooflab {r} = {_g(_value(coefs, r))} ({why})")
     lines.append(f"  beta_coeffs: [{', '.join(_f(v) for v in layout['beta_coeffs'])}]")
     return "\n".join(lines) + "\n"
 

@@ -21,10 +21,12 @@ import numpy as np
 import pandas as pd
 
 from rooflab.errors import InputError
-from rooflab.model.arch import ModelArch
-from rooflab.model.hardware import Hardware
+from rooflab.model.arch import ModelArch, load_model
+from rooflab.model.blis import blis_basis, blis_shape_of, load_blis_hardware
+from rooflab.model.hardware import Hardware, load_hardware
 
-FORMULAS = ("vllm", "design")
+ROOFLINE_FORMULAS = ("vllm", "design")  # rooflab's corrected roofline, computed here
+FORMULAS = (*ROOFLINE_FORMULAS, "blis")  # blis: BLIS's trained-physics basis (rooflab.model.blis)
 DEFAULT_FORMULAS = "vllm"
 
 # Per-step batch aggregates the features are computed from (names of the step table).
@@ -36,6 +38,7 @@ AGGREGATE_COLUMNS = (
     "prefill_logits",  # prefill requests whose last prompt chunk runs this step; NaN -> all prefills
     "decode_reqs",  # |D| = T_dc
     "decode_context",  # C_dc = Σ_D c_i
+    "prefill_prompt_pairs",  # Σ_P n_i·(p_i + n_i/2) with p_i the FULL prompt: BLIS's attention term; NaN -> estimated
 )
 
 # Columns of the feature frame that model variants combine (see rooflab.model.variants).
@@ -54,8 +57,9 @@ class Setting:
     fp8_peak: bool = True  # vllm formulas: GEMMs with fp8 weights run at the fp8 peak
 
     def __post_init__(self):
-        if self.formulas not in FORMULAS:
-            raise InputError(None, "formulas", f"unknown feature formulas {self.formulas!r} (known: {', '.join(FORMULAS)})")
+        if self.formulas not in ROOFLINE_FORMULAS:
+            raise InputError(None, "formulas",
+                             f"unknown feature formulas {self.formulas!r} (known: {', '.join(ROOFLINE_FORMULAS)}; blis is computed by rooflab.model.blis)")
         if not isinstance(self.tp, (int, np.integer)) or self.tp < 1:
             raise InputError(None, "tp", f"tensor-parallel degree must be a positive integer, got {self.tp!r}")
 
@@ -244,9 +248,8 @@ def featurize(steps: pd.DataFrame, formulas: str = "vllm", *, fp8_peak: bool = T
               models: dict | None = None, hardware: dict | None = None) -> pd.DataFrame:
     """Feature frame aligned with ``steps`` (a step table). Each (model, tp, hardware) group is computed
     in one vectorized pass. ``models``/``hardware`` may map names to already-loaded objects."""
-    from rooflab.model.arch import load_model
-    from rooflab.model.hardware import load_hardware
-
+    if formulas not in FORMULAS:
+        raise InputError(None, "formulas", f"unknown feature formulas {formulas!r} (known: {', '.join(FORMULAS)})")
     models = dict(models or {})
     hardware = dict(hardware or {})
     cols = {}
@@ -260,7 +263,12 @@ def featurize(steps: pd.DataFrame, formulas: str = "vllm", *, fp8_peak: bool = T
         idx = np.flatnonzero(codes == g)
         sub = {c: (steps[c].to_numpy(dtype=np.float64)[idx] if c in steps.columns else np.nan)
                for c in AGGREGATE_COLUMNS}
-        feats = compute_features(Setting(models[model], hardware[hw], int(tp), formulas, fp8_peak), sub)
+        if formulas == "blis":  # BLIS's own model-shape reading, formulas and hardware table
+            shape = blis_shape_of(models[model])
+            shape.check_tp(int(tp))
+            feats = blis_basis(shape, load_blis_hardware(hardware[hw].name), int(tp), sub)
+        else:
+            feats = compute_features(Setting(models[model], hardware[hw], int(tp), formulas, fp8_peak), sub)
         for k, v in feats.items():
             if k not in cols:
                 cols[k] = np.empty(len(steps))

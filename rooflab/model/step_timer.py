@@ -8,8 +8,10 @@ import math
 
 import numpy as np
 
+from rooflab.model.arch import ModelArch
 from rooflab.model.coefficients import Coefficients
 from rooflab.model.features import Setting, compute_features, expert_weight_bytes
+from rooflab.model.hardware import Hardware
 
 
 class FittedStepTimer:
@@ -43,11 +45,6 @@ class FittedStepTimer:
         self.tp0 = float(f["f_tp"][0])
         self.tp_c = lin("f_tp", "prefill_tokens")
         a = arch
-        if coefs.tp_comm == "blis":  # BLIS's TP volume: 2L all-reduces moving 2(TP−1)/TP·T·d·b_act over HBM
-            self.tp0 = 0.0
-            self.tp_c = (2 * a.n_layers * a.hidden * a.act_bytes * 2 * (tp - 1) / tp / (hardware.hbm_tb_s * 1e6)
-                         if tp > 1 else 0.0)
-
         self.moe = a.is_moe
         self.expert_us = expert_weight_bytes(s) / (hardware.hbm_tb_s * 1e6) if a.is_moe else 0.0
         self.N, self.k = float(a.n_experts or 0), float(a.experts_per_token or 0)
@@ -89,7 +86,7 @@ class FittedStepTimer:
         Cd = float(decode_contexts.sum()) if D else 0.0
         if prefills:
             T = C = A = 0.0
-            for n, c in prefills:
+            for n, c, _ in prefills:
                 T += n
                 C += c
                 A += n * c + n * (n + 1) / 2
@@ -101,6 +98,72 @@ class FittedStepTimer:
 
     def scheduler_cpu_us(self, n_requests: int) -> float:
         return 0.0  # part of the fitted step time (β6, β7); only traced runs ask for it
+
+
+class BlisStepTimer:
+    """``StepTimer`` of a BLIS trained-physics coefficient set (variants ``blis-tp10`` / ``blis-tp11``) for one
+    (model, TP, GPU): BLIS's step time exactly — Σ β_j·basis_j from :func:`rooflab.model.blis.blis_basis`,
+    truncated to whole µs and at least 1 µs (docs/blis.md §3). Every basis is affine in the step's aggregates
+    (P prefill tokens, Σ chunk·(prompt + chunk/2), D decodes, their context C, B requests) on each side of the
+    "has prefill" / "has decode" gates, so the per-step cost is read off the basis at unit aggregates once."""
+
+    AGG = ("prefill_tokens", "prefill_prompt_pairs", "decode_reqs", "decode_context")
+
+    def __init__(self, coefs: Coefficients, arch: ModelArch, hardware: Hardware, tp: int):
+        from rooflab.model.blis import BLIS_BASIS_OF, BLIS_BETA_ORDER, blis_basis, blis_shape_of, load_blis_hardware
+
+        shape = blis_shape_of(arch)
+        shape.check_tp(int(tp))
+        hw = load_blis_hardware(hardware.name)
+        betas = [float(coefs.beta.get(n, 0.0)) for n in BLIS_BETA_ORDER]
+        if "beta_ep" not in coefs.beta:  # BLIS: fewer than 11 coefficients -> β_EP := β4
+            betas[10] = betas[3]
+        # rows: empty; one prefill token; + one prompt pair; one decode at context 0; + one context token
+        rows = {"prefill_reqs": [0, 1, 1, 0, 0], "prefill_tokens": [0, 1, 1, 0, 0], "prefill_prompt_pairs": [0, 0, 1, 0, 0],
+                "prefill_context": [0, 0, 0, 0, 0],
+                "decode_reqs": [0, 0, 0, 1, 1], "decode_context": [0, 0, 0, 0, 1]}
+        basis = blis_basis(shape, hw, int(tp), {k: np.asarray(v, dtype=np.float64) for k, v in rows.items()})
+        coef = dict(zip(BLIS_BETA_ORDER, betas))
+        t = [float(sum(coef[b] * basis[BLIS_BASIS_OF[b]][i] for b in BLIS_BETA_ORDER)) for i in range(5)]
+        self.per_request = coef["beta6"]
+        self.base = t[0]  # weights, per-layer, per-step and MoE-layer terms (an empty batch itself costs 1 µs)
+        self.per_pf_token = t[1] - t[0] - self.per_request
+        self.per_pf_pair = t[2] - t[1]
+        self.per_dc_req = t[3] - t[0] - self.per_request
+        self.per_dc_ctx = t[4] - t[3]
+        self.calls = 0
+
+    def time_from_aggregates(self, P: float, T: float, A: float, D: float, C: float) -> float:
+        if P + D == 0:
+            return 1.0
+        t = self.base + self.per_request * (P + D)
+        if P:
+            t += self.per_pf_token * T + self.per_pf_pair * A
+        if D:
+            t += self.per_dc_req * D + self.per_dc_ctx * C
+        return float(max(1, math.trunc(t)))
+
+    def step_time_us(self, decode_contexts: np.ndarray, prefills: list[tuple[int, int, int]], n_logits: int) -> float:
+        self.calls += 1
+        D = len(decode_contexts)
+        C = float(decode_contexts.sum()) if D else 0.0
+        T = A = 0.0
+        for n, _, p in prefills:
+            T += n
+            A += n * (p + n / 2)
+        return self.time_from_aggregates(len(prefills), T, A, D, C)
+
+    def scheduler_cpu_us(self, n_requests: int) -> float:
+        return 0.0
+
+
+def make_step_timer(coefs: Coefficients, arch: ModelArch, hardware: Hardware, tp: int
+                    ) -> FittedStepTimer | BlisStepTimer:
+    """The step timer of a coefficient set: BLIS's exact step time for its own variants, else the fitted
+    corrected roofline."""
+    if coefs.formulas == "blis":
+        return BlisStepTimer(coefs, arch, hardware, tp)
+    return FittedStepTimer(coefs, arch, hardware, tp)
 
 
 class RecordedStepTimer:

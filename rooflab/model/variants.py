@@ -1,55 +1,16 @@
-"""Model variants: named lists of terms (coefficient × feature column) that the fit estimates.
+"""The registry of model variants (:class:`rooflab.model.terms.Variant`): rooflab's corrected roofline and
+BLIS's trained-physics basis (:mod:`rooflab.model.blis`).
 
-A variant is one small declaration; the fitting, health and residual code work on any of them.
-Declaration order matters in one case: when two prior-free terms have proportional columns in the data
-(the per-step constant and β_L·L when all steps share one layer count), the fit cannot tell them apart,
-so the later-declared, more specific term takes the shared effect and the earlier one is held at 0 —
-reported as a tie, never decided silently by the solver.
 ``roofline7`` is exactly docs/spec.md §1; ``roofline7+layers`` adds a per-layer overhead term β_L·L, which the
 seed folded into β7 and which cross-model transfer may need.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
-import pandas as pd
-
 from rooflab.errors import InputError
-from rooflab.model.features import BASIS_COLUMNS
-
-
-@dataclass(frozen=True)
-class Term:
-    name: str  # coefficient name, e.g. "beta1"
-    feature: str  # column of the feature frame it multiplies
-    meaning: str
-    unit: str  # unit of the coefficient
-    prior: float | None = None  # Gaussian prior mean (efficiency corrections: 1.0); None = no prior
-    lower: float = 0.0
-    upper: float = np.inf
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    terms: tuple[Term, ...]
-
-    @property
-    def names(self) -> list[str]:
-        return [t.name for t in self.terms]
-
-    @property
-    def features(self) -> list[str]:
-        return [t.feature for t in self.terms]
-
-    def design_matrix(self, features: pd.DataFrame | dict) -> np.ndarray:
-        return np.column_stack([np.asarray(features[t.feature], dtype=np.float64) for t in self.terms])
-
-    def predict(self, features: pd.DataFrame | dict, beta: np.ndarray) -> np.ndarray:
-        return self.design_matrix(features) @ np.asarray(beta, dtype=np.float64)
-
+from rooflab.model.blis import BLIS_BASIS_COLUMNS, BLIS_VARIANTS
+from rooflab.model.features import BASIS_COLUMNS, FORMULAS
+from rooflab.model.terms import Term, Variant
 
 ROOFLINE7 = (
     Term("beta1", "f_prefill", "prefill roofline max(F_pf_compute, F_pf_kv)", "×", prior=1.0),
@@ -65,9 +26,12 @@ VARIANTS = {
     "roofline7": Variant("roofline7", ROOFLINE7),
     "roofline7+layers": Variant("roofline7+layers", ROOFLINE7 + (
         Term("beta_layer", "n_layers", "per-layer overhead (launches, norms)", "µs/layer"),)),
+    **BLIS_VARIANTS,  # BLIS's trained-physics basis, 10 and 11 coefficients (formulas "blis")
 }
 DEFAULT_VARIANT = "roofline7+layers"  # what campaigns, replay and `rooflab fit` use unless told otherwise
-assert all(t.feature in BASIS_COLUMNS for v in VARIANTS.values() for t in v.terms)
+assert all(t.feature in (BASIS_COLUMNS if v.formulas != ("blis",) else BLIS_BASIS_COLUMNS)
+           for v in VARIANTS.values() for t in v.terms)
+assert all(f in FORMULAS for v in VARIANTS.values() for f in v.formulas)
 
 
 def get_variant(name: str | Variant) -> Variant:
@@ -76,3 +40,15 @@ def get_variant(name: str | Variant) -> Variant:
     if name not in VARIANTS:
         raise InputError(None, "variant", f"unknown model variant {name!r} (known: {', '.join(VARIANTS)})")
     return VARIANTS[name]
+
+
+def resolve_formulas(variant: str | Variant, formulas: str | None) -> str:
+    """The feature formulas a fit of ``variant`` uses: ``formulas`` when given (it must be one the variant's
+    columns come from), else the variant's own default (``vllm`` for rooflab's variants, ``blis`` for BLIS's)."""
+    v = get_variant(variant)
+    if formulas is None:
+        return v.default_formulas
+    if formulas not in v.formulas:
+        raise InputError(None, "formulas", f"variant {v.name} uses the {' or '.join(v.formulas)} formulas, "
+                         f"not {formulas!r}")
+    return formulas

@@ -33,7 +33,7 @@ def store_replay_error(store: Store | str | Path, coefficients: Coefficients | s
     if runs is None:
         table = st.runs(campaign=campaign, split=split)
         runs = table["run_id"].tolist()
-    per_run = {}
+    per_run: dict[str, dict[str, Any]] = {}
     for rid in runs:
         try:
             trace = read_store_trace(st, rid)

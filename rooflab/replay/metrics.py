@@ -3,7 +3,7 @@ per-request APE distribution, Pearson r and a grade like BLIS ``calibrate``; how
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -30,20 +30,20 @@ def grade(mape: float, r: float) -> str:
     return "poor"
 
 
-def compare(result_or_frame, *, scored_only: bool = True) -> dict:
+def compare(result_or_frame: ReplayResult | pd.DataFrame, *, scored_only: bool = True) -> dict[str, Any]:
     """Metrics of one replayed run: per metric (ttft, itl, e2e) the APE of the mean / P90 / P99 (over the
     requests that succeeded both in the measurement and in the replay; the mean ITL is the mean over all
     inter-token intervals, Σ(E2E − TTFT)/Σ(n_out − 1)), the per-request APE distribution
     (mean = per-request MAPE, median, P90), Pearson r, a grade (from the per-request MAPE and r), and the
     failure counts."""
-    df = result_or_frame.requests if hasattr(result_or_frame, "requests") else result_or_frame
+    df = result_or_frame if isinstance(result_or_frame, pd.DataFrame) else result_or_frame.requests
     if scored_only and "scored" in df:
         df = df[df["scored"].to_numpy(dtype=bool)]
     meas_ok = ~df["failed"].to_numpy(dtype=bool)
     pred_ok = ~df["pred_failed"].to_numpy(dtype=bool)
     both = meas_ok & pred_ok
-    out = {"requests": int(len(df)), "measured_failed": int((~meas_ok).sum()), "predicted_failed": int((~pred_ok).sum()),
-           "compared": int(both.sum())}
+    out: dict[str, Any] = {"requests": int(len(df)), "measured_failed": int((~meas_ok).sum()),
+                           "predicted_failed": int((~pred_ok).sum()), "compared": int(both.sum())}
     for m in METRICS:
         y = df[f"{m}_us"].to_numpy(dtype=float)
         p = df[f"pred_{m}_us"].to_numpy(dtype=float)
@@ -61,13 +61,14 @@ def compare(result_or_frame, *, scored_only: bool = True) -> dict:
             # handful of tokens dominate
             gaps = np.clip(df["output_tokens"].to_numpy(dtype=float)[k] - 1, 1, None)
             ym, pm = float((y * gaps).sum() / gaps.sum()), float((p * gaps).sum() / gaps.sum())
-        res = {"n": int(len(y)), "measured_mean_ms": ym / 1e3, "predicted_mean_ms": pm / 1e3,
-               "mean_ape": _ape(pm, ym), "p50_ape": _ape(np.median(p), np.median(y)),
-               "p90_ape": _ape(np.percentile(p, 90), np.percentile(y, 90)),
-               "p99_ape": _ape(np.percentile(p, 99), np.percentile(y, 99)),
-               "request_mape": float(ape.mean()), "request_median_ape": float(np.median(ape)),
-               "request_p90_ape": float(np.percentile(ape, 90)), "pearson_r": r,
-               "bias": float((pm - ym) / ym)}
+        res: dict[str, Any] = {
+            "n": int(len(y)), "measured_mean_ms": ym / 1e3, "predicted_mean_ms": pm / 1e3,
+            "mean_ape": _ape(pm, ym), "p50_ape": _ape(np.median(p), np.median(y)),
+            "p90_ape": _ape(np.percentile(p, 90), np.percentile(y, 90)),
+            "p99_ape": _ape(np.percentile(p, 99), np.percentile(y, 99)),
+            "request_mape": float(ape.mean()), "request_median_ape": float(np.median(ape)),
+            "request_p90_ape": float(np.percentile(ape, 90)), "pearson_r": r,
+            "bias": float((pm - ym) / ym)}
         res["grade"] = grade(res["request_mape"], r)
         out[m] = res
     return out

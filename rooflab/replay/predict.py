@@ -21,9 +21,9 @@ from rooflab.data.traces import ENGINE_KEYS, Trace, request_itl
 from rooflab.errors import InputError
 from rooflab.model.coefficients import Coefficients
 from rooflab.model.engine_config import EngineConfig
-from rooflab.model.step_timer import FittedStepTimer, arch_and_hardware
+from rooflab.model.step_timer import arch_and_hardware, make_step_timer
 from rooflab.twin.engine import Engine, Request, StepTimer
-from rooflab.twin.simulate import ConstantOverheads, RequestOverheads, run_requests
+from rooflab.twin.simulate import BlisOverheads, ConstantOverheads, RequestOverheads, run_requests
 
 
 @dataclass
@@ -54,8 +54,15 @@ def make_requests(trace: Trace) -> list[Request]:
     return [Request(str(i), float(a), int(p), int(o), True, None, g if isinstance(g, str) and g else None,
                     int(pt) if pt == pt else 0)
             for i, a, p, o, g, pt in zip(r["request_id"].to_numpy(), r["arrival_us"].to_numpy(dtype=float),
-                                         r["prompt_tokens"].to_numpy(dtype=float), r["output_tokens"].to_numpy(dtype=float),
-                                         groups, ptok)]
+                                         r["prompt_tokens"].to_numpy(dtype=float),
+                                         r["output_tokens"].to_numpy(dtype=float), groups, ptok)]
+
+
+def overheads_for(coefs: Coefficients | None) -> RequestOverheads:
+    """The α of a coefficient set, with its simulator's semantics (BLIS's for BLIS variants)."""
+    if coefs is None:
+        return ConstantOverheads((0.0, 0.0, 0.0))
+    return BlisOverheads(coefs.alpha) if coefs.formulas == "blis" else ConstantOverheads(coefs.alpha)
 
 
 def replay(trace: Trace, coefs: Coefficients | None = None, *, timer: StepTimer | None = None,
@@ -66,9 +73,9 @@ def replay(trace: Trace, coefs: Coefficients | None = None, *, timer: StepTimer 
     if timer is None:
         if coefs is None:
             raise InputError(None, "coefficients", "replay needs a coefficient set or a step timer")
-        timer = FittedStepTimer(coefs, *arch_and_hardware(trace.model, trace.hardware), trace.tp)
+        timer = make_step_timer(coefs, *arch_and_hardware(trace.model, trace.hardware), trace.tp)
     if overheads is None:
-        overheads = ConstantOverheads(coefs.alpha if coefs is not None else (0.0, 0.0, 0.0))
+        overheads = overheads_for(coefs)
     engine = engine_for(trace, timer)
     reqs = make_requests(trace)
     t0 = time.perf_counter()
@@ -81,7 +88,7 @@ def replay(trace: Trace, coefs: Coefficients | None = None, *, timer: StepTimer 
     nout = np.array([r.output_tokens for r in reqs], dtype=float)
     status = np.array([r.status or "unfinished" for r in reqs], dtype=object)
     ok = np.isin(status, ("length", "stop"))
-    ttft = np.where(ok, first - arr, np.nan)
+    ttft = np.where(ok, first - arr + np.array([overheads.first_token_us(r) for r in reqs]), np.nan)
     e2e = np.where(ok, dep - arr, np.nan)
     out = trace.requests.copy()
     out["pred_ttft_us"] = ttft

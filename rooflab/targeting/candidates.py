@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
+import pandas as pd
 
-from rooflab.collect.spec import SEED_ORDER, Campaign, _canon
+from rooflab.collect.spec import SEED_ORDER, Campaign, Combo, _canon
 from rooflab.data.sweep import SweepPoint
+from rooflab.fit.calibration import Calibration
 from rooflab.fit.residuals import BATCH_BINS
-from rooflab.model.arch import load_model
+from rooflab.model.arch import ModelArch, load_model
+
+Bins = tuple[list[float], list[str]]  # bucket edges and labels (rooflab.fit.residuals.BATCH_BINS, CONTEXT_BINS)
 
 HOTSPOT_DIMENSIONS = ("model", "phase_mix", "batch_size", "context", "tp", "workload")  # docs/spec.md §8; not run_id
 HOTSPOT_SPLITS = ("train", "validation")  # saturated steps are never fitted
@@ -40,8 +45,8 @@ class Pick:
                 "priority": float(self.priority), **({"details": self.details} if self.details else {})}
 
 
-@lru_cache(maxsize=None)
-def model_arch(model: str):
+@cache
+def model_arch(model: str) -> ModelArch:
     return load_model(model)
 
 
@@ -52,7 +57,7 @@ def model_layers(model: str) -> int | None:
         return None
 
 
-def combo_of(p: SweepPoint) -> tuple:
+def combo_of(p: SweepPoint | Combo) -> tuple[str, int, str]:
     return (p.model, p.tp, p.hardware)
 
 
@@ -79,7 +84,7 @@ def est_context(p: SweepPoint) -> float:
     return float(p.param("input_tokens")) + float(p.param("output_tokens")) / 2
 
 
-def bucket_index(value: float, bins) -> int:
+def bucket_index(value: float, bins: Bins) -> int:
     edges, labels = bins
     right = bins is BATCH_BINS  # batch buckets are (a, b], context buckets [a, b)
     for i in range(len(labels)):
@@ -89,7 +94,7 @@ def bucket_index(value: float, bins) -> int:
     return len(labels) - 1
 
 
-def bucket_distance(value: float, label: str, bins) -> float:
+def bucket_distance(value: float, label: str, bins: Bins) -> float:
     """log2 distance from ``value`` to the bucket's interval (0 inside)."""
     edges, labels = bins
     if label not in labels:
@@ -107,7 +112,7 @@ def bucket_distance(value: float, label: str, bins) -> float:
 class CandidateState:
     """What the data already covers (collected points, calibration data) plus this batch's picks."""
 
-    def __init__(self, collected_points: list[SweepPoint], data_models: set[str]):
+    def __init__(self, collected_points: list[SweepPoint], data_models: set[str]) -> None:
         self.by_cell: dict[tuple, list[SweepPoint]] = {}
         self.per_combo: dict[tuple, int] = {}
         self.models: set[str] = set(data_models)
@@ -135,7 +140,7 @@ class CandidateState:
         return {L for L in (model_layers(m) for m in self.models) if L is not None}
 
 
-def points_from_keys(keys) -> list[SweepPoint]:
+def points_from_keys(keys: Iterable[str]) -> list[SweepPoint]:
     out = []
     for k in keys:
         try:
@@ -145,7 +150,7 @@ def points_from_keys(keys) -> list[SweepPoint]:
     return out
 
 
-def family_rank(order: tuple[str, ...]):
+def family_rank(order: tuple[str, ...]) -> Callable[[SweepPoint], int]:
     return lambda p: order.index(p.family) if p.family in order else len(order)
 
 
@@ -157,21 +162,21 @@ def is_v1_point(p: SweepPoint, campaign: Campaign) -> bool:
     return False
 
 
-def validation_order(campaign: Campaign):
+def validation_order(campaign: Campaign) -> Callable[[SweepPoint, CandidateState], tuple]:
     rank = family_rank(SEED_ORDER)
     return lambda p, s: (s.per_combo.get(combo_of(p), 0), not is_v1_point(p, campaign), -s.novelty(p), rank(p),
                          p.duration_s * p.tp, p.key)
 
 
-def open_candidates(campaign: Campaign, collected) -> dict[str, SweepPoint]:
-    collected = set(collected or ())
+def open_candidates(campaign: Campaign, collected: Iterable[str] | None) -> dict[str, SweepPoint]:
+    done = set(collected or ())
     out: dict[str, SweepPoint] = {}
     for p in campaign.candidates():
-        if p.key not in collected and p.key not in out:
+        if p.key not in done and p.key not in out:
             out[p.key] = p
     return out
 
 
-def hotspot_rows(calib):
+def hotspot_rows(calib: Calibration) -> pd.DataFrame:
     hot = calib.hotspots
     return hot[hot["split"].isin(HOTSPOT_SPLITS) & hot["dimension"].isin(HOTSPOT_DIMENSIONS)]

@@ -17,14 +17,15 @@ how much), the hotspot it covers, its expected gain and its predicted cost.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from rooflab.collect.spec import Campaign
+from rooflab.fit.calibration import Calibration
 from rooflab.fit.health import FAIL, WARN
-from rooflab.model.features import DEFAULT_FORMULAS
-from rooflab.model.variants import DEFAULT_VARIANT, get_variant
+from rooflab.model.variants import DEFAULT_VARIANT, get_variant, resolve_formulas
 from rooflab.targeting.candidates import (
     VALIDATION_SHARE,
     CandidateState,
@@ -61,12 +62,12 @@ class Scored:
 
 
 def greedy(M: np.ndarray, preds: list[Prediction], *, n: int, budget: float = math.inf, replicates: int = 1,
-           flagged: list[int] = (), hotspots: list = ()) -> list[Scored]:
+           flagged: Sequence[int] = (), hotspots: Sequence[tuple] = ()) -> list[Scored]:
     """Greedy batch selection: repeatedly take the candidate with the highest (D gain + Dₛ gain on the
     ``flagged`` βs) per GPU-second (× :data:`HOTSPOT_BOOST` when it covers one of ``hotspots``, given as
     (dimension, bucket, ...) tuples), add its information to ``M`` and score the rest again. Candidates
     whose cost exceeds the budget left are skipped; a saturated prediction carries no information."""
-    flagged = list(flagged)
+    flagged_idx = list(flagged)
     left = float(budget)
     pool = list(preds)
     out: list[Scored] = []
@@ -76,7 +77,7 @@ def greedy(M: np.ndarray, preds: list[Prediction], *, n: int, budget: float = ma
             cost = pr.gpu_s * replicates
             if cost > left + 1e-9 or not cost > 0 or not np.isfinite(cost):
                 continue
-            d, ds = gain(M, pr.info * replicates, flagged)
+            d, ds = gain(M, pr.info * replicates, flagged_idx)
             covers = next((f"{h[0]}={h[1]}" for h in hotspots if h[1] in pr.buckets.get(h[0], ())), None)
             score = (d + ds) / cost * (HOTSPOT_BOOST if covers else 1.0)
             if best is None or score > best.score:
@@ -92,7 +93,7 @@ def greedy(M: np.ndarray, preds: list[Prediction], *, n: int, budget: float = ma
     return out
 
 
-def _flagged(calib, names: list[str]) -> list[str]:
+def _flagged(calib: Calibration | None, names: list[str]) -> list[str]:
     if calib is None:
         return []
     out = []
@@ -102,17 +103,17 @@ def _flagged(calib, names: list[str]) -> list[str]:
     return out
 
 
-def _hotspot_buckets(calib) -> list[tuple[str, str, float]]:
+def _hotspot_buckets(calib: Calibration | None) -> list[tuple[str, str, float]]:
     if calib is None:
         return []
     hot = hotspot_rows(calib)
-    return [(str(r.dimension), str(r.bucket), float(r.mape)) for r in hot.itertuples()]
+    return [(str(r["dimension"]), str(r["bucket"]), float(r["mape"])) for r in hot.to_dict("records")]
 
 
-def choose_next_doptimal(calib, campaign: Campaign, collected: set[str], *,
+def choose_next_doptimal(calib: Calibration | None, campaign: Campaign, collected: set[str], *,
                          batch_size: int, budget_gpu_seconds_left: float | None,
-                         variant: str = DEFAULT_VARIANT, formulas: str = DEFAULT_FORMULAS,
-                         heldout_gpu_s: float = 0.0, train_gpu_s: float = 0.0) -> list:
+                         variant: str = DEFAULT_VARIANT, formulas: str | None = None,
+                         heldout_gpu_s: float = 0.0, train_gpu_s: float = 0.0) -> list[Pick]:
     """The next batch (docs/spec.md §9): greedy Bayesian D-optimal gain per predicted GPU-second over the
     training candidates, priorities for flagged βs and hotspots, ~20% of the batch's GPU-seconds on
     space-filling held-out points. The collected data enter through ``calib`` (its per-run Gram matrices;
@@ -124,6 +125,7 @@ def choose_next_doptimal(calib, campaign: Campaign, collected: set[str], *,
         return []
     if calib is not None:
         variant, formulas = calib.beta.variant.name, calib.beta.formulas
+    formulas = resolve_formulas(variant, formulas)
     v = get_variant(variant)
     names = v.names
     beta = beta_of(calib, variant)
@@ -145,10 +147,11 @@ def choose_next_doptimal(calib, campaign: Campaign, collected: set[str], *,
     reserve = min(reserve, batch_size - 1) if batch_size > 1 else reserve
     chosen = greedy(M, list(preds.values()), n=batch_size - reserve, budget=left, replicates=reps,
                     flagged=fidx, hotspots=hot)
-    picks: list = []
+    picks: list[Pick] = []
     batch_cost = 0.0
     for c in chosen:
         pr, cost, shrink = c.pred, c.pred.gpu_s * reps, c.shrink
+        assert shrink is not None  # greedy sets it on every pick
         j = int(np.argmax(shrink))
         serves = names[j]
         if flagged:
@@ -161,8 +164,8 @@ def choose_next_doptimal(calib, campaign: Campaign, collected: set[str], *,
             why.append(f"{serves} flagged by the health checks")
         if c.hotspot:
             why.append(f"covers hotspot {c.hotspot}")
-        reason = (f"D-optimal: {describe(pr.point)} (~{pr.mean_batch:.0f}-request batches, ~{pr.mean_context:.0f}-token "
-                  f"contexts) {'; '.join(why)}; gain {c.d_gain + c.ds_gain:.2f} nats for "
+        reason = (f"D-optimal: {describe(pr.point)} (~{pr.mean_batch:.0f}-request batches, "
+                  f"~{pr.mean_context:.0f}-token contexts) {'; '.join(why)}; gain {c.d_gain + c.ds_gain:.2f} nats for "
                   f"{cost / 3600:.3f} GPU-h predicted")
         details = {"d_gain": c.d_gain, "ds_gain": c.ds_gain, "flagged": flagged, "hotspot": c.hotspot,
                    "predicted_gpu_s": cost, "predicted_steps": pr.steps, "score_per_gpu_s": c.score,

@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from rooflab.fit.beta import BetaFit
+from rooflab.fit.calibration import Calibration
 from rooflab.model.variants import get_variant
 
 STEPS_PER_RUN = 100  # a run counts as at most this many independent step observations
@@ -38,10 +40,11 @@ def prior_precision(variant: str, beta: dict) -> np.ndarray:
     return np.diag(d)
 
 
-def data_information(fit, sigma: float) -> np.ndarray:
+def data_information(fit: BetaFit | None, sigma: float) -> np.ndarray | float:
     """Information of the fitted training steps (measured step times), from the fit's per-run Gram
-    matrices of the relative rows ``x/y``; each run capped at :data:`STEPS_PER_RUN` steps (module doc)."""
-    if fit is None or fit.run_gram is None or not len(fit.run_rows):
+    matrices of the relative rows ``x/y``; each run capped at :data:`STEPS_PER_RUN` steps (module doc).
+    Without fitted steps: 0.0, which adds to a prior precision like a zero matrix."""
+    if fit is None or fit.run_gram is None or fit.run_rows is None or not len(fit.run_rows):
         return 0.0
     n = np.maximum(fit.run_rows, 1.0)
     w = np.minimum(fit.run_rows, STEPS_PER_RUN) / n
@@ -68,7 +71,7 @@ def gain(M: np.ndarray, Mc: np.ndarray, flagged: list[int]) -> tuple[float, floa
     return d, ds
 
 
-def sigma_of(calib) -> float:
+def sigma_of(calib: Calibration | None) -> float:
     if calib is None:
         return 0.05
     mape = (calib.accuracy.get("train") or {}).get("mape")
@@ -76,7 +79,7 @@ def sigma_of(calib) -> float:
     return max(MIN_SIGMA, 1.25 * float(mape) if mape is not None and np.isfinite(mape) else 0.05)
 
 
-def beta_of(calib, variant: str) -> dict:
+def beta_of(calib: Calibration | None, variant: str) -> dict[str, float]:
     if calib is None:
         names = get_variant(variant).names
         return {n: START_BETA.get(n, 1.0) for n in names}

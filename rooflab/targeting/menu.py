@@ -33,14 +33,16 @@ information per GPU-second instead.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import numpy as np
 
-from rooflab.collect.spec import SEED_ORDER, Campaign
+from rooflab.collect.spec import SEED_ORDER, Campaign, Combo
 from rooflab.data.sweep import SweepPoint
-from rooflab.fit.health import FAIL, WARN
+from rooflab.fit.calibration import Calibration
+from rooflab.fit.health import FAIL, WARN, Check
 from rooflab.fit.residuals import BATCH_BINS, CONTEXT_BINS, HOTSPOT_MAPE
 from rooflab.targeting.candidates import (
     VALIDATION_SHARE,
@@ -81,7 +83,7 @@ class Need:
     why: str  # the diagnosis half of a pick's reason
     split: str  # the split its candidates come from
     members: list[SweepPoint]  # candidates that serve it (not yet collected)
-    order: Callable[[SweepPoint, "CandidateState"], tuple]  # preference (smaller first), given what is collected/chosen
+    order: Callable[[SweepPoint, CandidateState], tuple]  # preference (smaller first), given what is collected/chosen
     does: Callable[[SweepPoint], str]  # what a point does for it
     max_picks: int = 2
     decay: float = DECAY
@@ -91,52 +93,71 @@ class Need:
                 "candidates": len(self.members), "max_picks": self.max_picks}
 
 
+Order = Callable[[SweepPoint, CandidateState], tuple]
+# (members, order, does) of a need: the candidates, their preference, what a point does for it
+Menu = tuple[list[SweepPoint], Order, Callable[[SweepPoint], str]]
+
+
+def _rate(p: SweepPoint) -> float:
+    return float(p.param("rate"))
+
+
+def _inp(p: SweepPoint) -> int:
+    return int(p.param("input_tokens"))
+
+
+def _cost(p: SweepPoint) -> float:
+    return p.duration_s * p.tp
+
+
+def _index_order(index: dict[str, int]) -> Order:
+    """Preference by a fixed position (a design's order)."""
+    return lambda p, s: (index[p.key],)
+
+
 # ------------------------------------------------------------------------------------------- β menu
-def _beta_menu(beta: str, train: list[SweepPoint], state: CandidateState):
+def _beta_menu(beta: str, train: list[SweepPoint], state: CandidateState) -> Menu | None:
     """(members, order, does) of the seed's map for one β, or None when the variant has no such entry."""
-    rate = lambda p: float(p.param("rate"))  # noqa: E731
-    inp = lambda p: int(p.param("input_tokens"))  # noqa: E731
-    cost = lambda p: p.duration_s * p.tp  # noqa: E731
     if beta == "beta1":
         rank = family_rank(("W1", "W4-A"))
         return ([p for p in train if p.family in ("W1", "W4-A")],
-                lambda p, s: (rank(p), -s.novelty(p), -inp(p), cost(p), p.key),
+                lambda p, s: (rank(p), -s.novelty(p), -_inp(p), _cost(p), p.key),
                 lambda p: f"{describe(p)} exercises the prefill roofline")
     if beta == "beta2":
         rank = family_rank(("W2", "W3", "W4-C"))
         return ([p for p in train if p.family in ("W2", "W3", "W4-C")],
-                lambda p, s: (rank(p), -s.novelty(p), -inp(p) - rate(p), cost(p), p.key),
+                lambda p, s: (rank(p), -s.novelty(p), -_inp(p) - _rate(p), _cost(p), p.key),
                 lambda p: f"{describe(p)} exercises the decode roofline")
     if beta in ("beta3", "beta7"):
         rank = family_rank(("W2", "W1"))
         what = "varies the static weights" if beta == "beta3" else "varies the weights against the per-step constant"
         return ([p for p in train if p.family in ("W1", "W2")],
-                lambda p, s: (p.model in s.models, rank(p), cost(p), -s.novelty(p), inp(p), p.key),
+                lambda p, s: (p.model in s.models, rank(p), _cost(p), -s.novelty(p), _inp(p), p.key),
                 lambda p: f"{describe(p)} {what}" + ("" if p.model in state.models else " (model new to the data)"))
     if beta == "beta4":
         return ([p for p in train if p.family == "W3" and model_arch(p.model).is_moe],
-                lambda p, s: (-s.novelty(p), -rate(p), cost(p), p.key),
+                lambda p, s: (-s.novelty(p), -_rate(p), _cost(p), p.key),
                 lambda p: f"{describe(p)} varies the active experts (MoE)")
     if beta == "beta5":
         rank = family_rank(("W3",))
         return ([p for p in train if p.tp > 1],
-                lambda p, s: (rank(p), -s.novelty(p), -rate(p), cost(p), p.key),
+                lambda p, s: (rank(p), -s.novelty(p), -_rate(p), _cost(p), p.key),
                 lambda p: f"{describe(p)} varies the all-reduce (TP{p.tp})")
     if beta == "beta6":
         rank = family_rank(("W3", "W4-A", "W4-C"))
         return ([p for p in train if p.family in ("W3", "W4-A", "W4-C")],
-                lambda p, s: (rank(p), -s.novelty(p), -rate(p), cost(p), p.key),
+                lambda p, s: (rank(p), -s.novelty(p), -_rate(p), _cost(p), p.key),
                 lambda p: f"{describe(p)} varies the batch size")
     if beta == "beta_layer":
         rank = family_rank(("W2", "W1", "W3", "W4-C", "W4-A"))
         return ([p for p in train if model_layers(p.model) not in state.layers],
-                lambda p, s: (model_layers(p.model) in s.layers, rank(p), -s.novelty(p), cost(p), p.key),
+                lambda p, s: (model_layers(p.model) in s.layers, rank(p), -s.novelty(p), _cost(p), p.key),
                 lambda p: f"{describe(p)} brings a new layer count ({model_layers(p.model)}; data: "
                           f"{', '.join(map(str, sorted(state.layers))) or 'none'})")
     return None
 
 
-def _joint_menu(betas: list[str], train: list[SweepPoint], state: CandidateState):
+def _joint_menu(betas: list[str], train: list[SweepPoint], state: CandidateState) -> Menu | None:
     """Interleave the menus of several βs (confounded features): members in round-robin preference."""
     menus = [(b, m) for b in betas if (m := _beta_menu(b, train, state)) is not None and m[0]]
     if not menus:
@@ -151,7 +172,7 @@ def _joint_menu(betas: list[str], train: list[SweepPoint], state: CandidateState
 
     cache: dict = {}
 
-    def order(p, s):
+    def order(p: SweepPoint, s: CandidateState) -> tuple:
         # rank within the owning β's own preference, then alternate between the βs
         if cache.get("version") != s.version:
             cache.clear()
@@ -174,12 +195,12 @@ _CHECK_TEXT = {  # check -> (label, comparison, pass threshold, fail threshold, 
 }
 
 
-def _check_why(c) -> str:
+def _check_why(c: Check) -> str:
     if c.check == "proportional terms":
         return f"{c.target.replace('→', ' and ')} proportional in the data (one held at 0)"
     label, cmp, t_pass, t_fail, pct = _CHECK_TEXT[c.check]
     thr = t_fail if c.status == FAIL else t_pass
-    fmt = (lambda v: f"{v:.0%}") if pct else (lambda v: f"{v:.3g}")
+    fmt: Callable[[float], str] = (lambda v: f"{v:.0%}") if pct else (lambda v: f"{v:.3g}")
     value = fmt(c.value) if np.isfinite(c.value) else "undefined"
     subject = c.target if c.target != "design" else "design"
     text = f"{subject} {label} {value} {cmp} {fmt(thr)}"
@@ -203,7 +224,7 @@ def _betas_in(text: str) -> list[str]:
     return out
 
 
-def _health_needs(calib, train: list[SweepPoint], state: CandidateState) -> list[Need]:
+def _health_needs(calib: Calibration, train: list[SweepPoint], state: CandidateState) -> list[Need]:
     needs: dict[str, Need] = {}
     for c in calib.health:
         if c.status not in (FAIL, WARN):
@@ -231,7 +252,7 @@ def _health_needs(calib, train: list[SweepPoint], state: CandidateState) -> list
 
 
 # ------------------------------------------------------------------------------------------- hotspots
-def _nearest(points: list[SweepPoint], dist) -> list[SweepPoint]:
+def _nearest(points: list[SweepPoint], dist: Callable[[SweepPoint], Any]) -> list[SweepPoint]:
     """The points at the smallest distance (all of them when several tie)."""
     if not points:
         return []
@@ -241,23 +262,24 @@ def _nearest(points: list[SweepPoint], dist) -> list[SweepPoint]:
     return [p for p in points if close(d[p.key])]
 
 
-def _hotspot_menu(dim: str, bucket: str, train: list[SweepPoint]):
-    rate = lambda p: float(p.param("rate"))  # noqa: E731
-    cost = lambda p: p.duration_s * p.tp  # noqa: E731
+def _hotspot_menu(dim: str, bucket: str, train: list[SweepPoint]) -> Menu | None:
     seed_rank = family_rank(SEED_ORDER)
     if dim == "model":
         members = [p for p in train if p.model == bucket]
         if members:
-            return (members, lambda p, s: (-s.novelty(p), seed_rank(p), cost(p), p.key),
+            return (members, lambda p, s: (-s.novelty(p), seed_rank(p), _cost(p), p.key),
                     lambda p: f"{describe(p)} adds data on {bucket}")
         try:  # a held-out model: the nearest training models (same MoE-ness, closest size)
             ref = model_arch(bucket)
         except Exception:
             return None
-        size = lambda m: model_arch(m).n_layers * model_arch(m).hidden  # noqa: E731
-        dist = lambda p: (model_arch(p.model).is_moe != ref.is_moe,  # noqa: E731
-                          round(abs(math.log(size(p.model) / (ref.n_layers * ref.hidden))), 6))
-        return (_nearest(train, dist), lambda p, s: (-s.novelty(p), seed_rank(p), cost(p), p.key),
+        ref_size = ref.n_layers * ref.hidden
+
+        def dist(p: SweepPoint) -> tuple[bool, float]:
+            a = model_arch(p.model)
+            return a.is_moe != ref.is_moe, round(abs(math.log(a.n_layers * a.hidden / ref_size)), 6)
+
+        return (_nearest(train, dist), lambda p, s: (-s.novelty(p), seed_rank(p), _cost(p), p.key),
                 lambda p: f"{describe(p)}: the nearest training model to held-out {bucket}")
     if dim == "tp":
         try:
@@ -266,11 +288,11 @@ def _hotspot_menu(dim: str, bucket: str, train: list[SweepPoint]):
             return None
         rank = family_rank(("W3",))
         return (_nearest(train, lambda p: abs(math.log2(p.tp / tp))),
-                lambda p, s: (rank(p), -s.novelty(p), -rate(p), cost(p), p.key),
+                lambda p, s: (rank(p), -s.novelty(p), -_rate(p), _cost(p), p.key),
                 lambda p: f"{describe(p)} adds data at TP{p.tp}")
     if dim == "workload":
         members = [p for p in train if p.family == bucket]
-        return (members, lambda p, s: (-s.novelty(p), cost(p), p.key), lambda p: f"{describe(p)} adds {bucket} data")
+        return (members, lambda p, s: (-s.novelty(p), _cost(p), p.key), lambda p: f"{describe(p)} adds {bucket} data")
     if dim == "phase_mix":
         fams = {"prefill": ("W1", "W4-A"), "decode": ("W2", "W4-C", "W3"), "mixed": ("W4-A", "W4-C", "W3")}.get(bucket)
         if fams is None:
@@ -278,43 +300,48 @@ def _hotspot_menu(dim: str, bucket: str, train: list[SweepPoint]):
         rank = family_rank(fams)
         sign = -1 if bucket == "mixed" else 1  # mixed steps come with high rates; pure decode with low ones
         return ([p for p in train if p.family in fams],
-                lambda p, s: (rank(p), -s.novelty(p), sign * rate(p), -int(p.param("input_tokens")), cost(p), p.key),
+                lambda p, s: (rank(p), -s.novelty(p), sign * _rate(p), -int(p.param("input_tokens")), _cost(p), p.key),
                 lambda p: f"{describe(p)} makes {bucket} steps")
     if dim == "batch_size":
         if bucket not in BATCH_BINS[1]:
             return None
         rank = family_rank(("W3",))
         return (_nearest(train, lambda p: bucket_distance(est_batch(p), bucket, BATCH_BINS)),
-                lambda p, s: (rank(p), -s.novelty(p), cost(p), p.key),
+                lambda p, s: (rank(p), -s.novelty(p), _cost(p), p.key),
                 lambda p: f"{describe(p)} runs batches of ~{est_batch(p):.0f}")
     if dim == "context":
         if bucket not in CONTEXT_BINS[1]:
             return None
         rank = family_rank(("W2", "W1"))
         return (_nearest(train, lambda p: bucket_distance(est_context(p), bucket, CONTEXT_BINS)),
-                lambda p, s: (rank(p), -s.novelty(p), cost(p), p.key),
+                lambda p, s: (rank(p), -s.novelty(p), _cost(p), p.key),
                 lambda p: f"{describe(p)} runs contexts of ~{est_context(p):.0f} tokens")
     return None
 
 
-def _hotspot_needs(calib, train: list[SweepPoint]) -> list[Need]:
+def _hotspot_needs(calib: Calibration, train: list[SweepPoint]) -> list[Need]:
     hot = hotspot_rows(calib).sort_values("mape", ascending=False)
     needs: dict[str, Need] = {}
-    for r in hot.itertuples():
-        serves = f"hotspot {r.dimension}={r.bucket}"
+    for r in hot.to_dict("records"):
+        dim, bucket, mape = str(r["dimension"]), str(r["bucket"]), float(r["mape"])
+        serves = f"hotspot {dim}={bucket}"
         if serves in needs:  # the worst split first
             continue
-        menu = _hotspot_menu(r.dimension, str(r.bucket), train)
+        menu = _hotspot_menu(dim, bucket, train)
         if menu is None or not menu[0]:
             continue
-        priority = 2.0 + min(1.0, (r.mape - HOTSPOT_MAPE) / HOTSPOT_MAPE)
-        why = f"hotspot {r.dimension}={r.bucket} MAPE {r.mape:.0%} > {HOTSPOT_MAPE:.0%} ({r.split}, {r.steps} steps)"
+        priority = 2.0 + min(1.0, (mape - HOTSPOT_MAPE) / HOTSPOT_MAPE)
+        why = f"hotspot {dim}={bucket} MAPE {mape:.0%} > {HOTSPOT_MAPE:.0%} ({r['split']}, {r['steps']} steps)"
         needs[serves] = Need(serves, priority, why, "train", *menu, max_picks=MAX_PICKS["hotspot"])
     return list(needs.values())
 
 
 # ------------------------------------------------------------------------------------------- range extension
-def _range_needs(calib, train: list[SweepPoint]) -> list[Need]:
+def _range_order(est: Callable[[SweepPoint], float], rank: Callable[[SweepPoint], int]) -> Order:
+    return lambda p, s: (-est(p), rank(p), -s.novelty(p), p.duration_s * p.tp, p.key)
+
+
+def _range_needs(calib: Calibration, train: list[SweepPoint]) -> list[Need]:
     res = calib.residuals
     res = res[(res["split"] == "train") & (res["steps"] > 0)]
     out = []
@@ -331,8 +358,7 @@ def _range_needs(calib, train: list[SweepPoint]) -> list[Need]:
         rank = family_rank(("W2", "W1") if dim == "context" else ("W3",))
         why = f"range extension: data {what} reach {bins[1][top]}, candidates reach {bins[1][cand_top]}"
         serves = "range context" if dim == "context" else "range batch"
-        out.append(Need(serves, RANGE_PRIORITY, why, "train", beyond,
-                        lambda p, s, est=est, rank=rank: (-est(p), rank(p), -s.novelty(p), p.duration_s * p.tp, p.key),
+        out.append(Need(serves, RANGE_PRIORITY, why, "train", beyond, _range_order(est, rank),
                         (lambda p: f"{describe(p)} (~{est_context(p):.0f}-token contexts)") if dim == "context" else
                         (lambda p: f"{describe(p)} (batches of ~{est_batch(p):.0f})"),
                         max_picks=MAX_PICKS["range"]))
@@ -346,12 +372,11 @@ def _bootstrap_needs(campaign: Campaign, cands: dict[str, SweepPoint]) -> list[N
     if "bootstrap" in campaign.designs:
         pts = [p for p in campaign.design("bootstrap") if p.key in cands]
         index = {p.key: i for i, p in enumerate(pts)}
-        order = lambda p, s: (index[p.key],)  # noqa: E731
         why = "bootstrap design 'bootstrap' (campaign config)"
-        return [Need("bootstrap", 2.0, why, split, [p for p in pts if p.split == split], order, describe,
+        return [Need("bootstrap", 2.0, why, split, [p for p in pts if p.split == split], _index_order(index), describe,
                      max_picks=len(pts), decay=1.0) for split in ("train", "validation")]
 
-    def pick(combo, fam: str, param: str, which: str):
+    def pick(combo: Combo, fam: str, param: str, which: str) -> SweepPoint | None:
         if fam not in campaign.families:
             return None
         values = sorted(campaign.families[fam][param])
@@ -363,7 +388,8 @@ def _bootstrap_needs(campaign: Campaign, cands: dict[str, SweepPoint]) -> list[N
             ("W1", "input_tokens", "mid", "prefill at a middle input", 3.0),
             ("W2", "input_tokens", "mid", "decode at a middle input", 2.0),
             ("W3", "rate", "low", "batch scaling at the lowest rate", 1.0))
-    needs, taken = [], {}
+    needs: list[Need] = []
+    taken: dict[str, SweepPoint] = {}
     for fam, param, which, what, prio in plan:
         members = []
         for combo in campaign.train_combos:
@@ -374,7 +400,7 @@ def _bootstrap_needs(campaign: Campaign, cands: dict[str, SweepPoint]) -> list[N
         if members:
             idx = {p.key: i for i, p in enumerate(members)}
             needs.append(Need("bootstrap", prio, f"bootstrap (space-filling start): {what}", "train", members,
-                              lambda p, s, idx=idx: (idx[p.key],), describe, max_picks=len(members), decay=1.0))
+                              _index_order(idx), describe, max_picks=len(members), decay=1.0))
     covered = {combo_of(p) for p in taken.values()}
     rest = [p for p in train if combo_of(p) not in covered]  # combos with none of W1/W2/W3: one point per family
     if rest:
@@ -384,16 +410,16 @@ def _bootstrap_needs(campaign: Campaign, cands: dict[str, SweepPoint]) -> list[N
     if val:
         order = validation_order(campaign)
         s0 = CandidateState([], set())
-        first = [min((p for p in val if combo_of(p) == combo_of(c)), key=lambda p: order(p, s0), default=None)
-                 for c in campaign.validation_combos]
-        first = [p for p in first if p is not None]
+        nearest = [min((p for p in val if combo_of(p) == combo_of(c)), key=lambda p: order(p, s0), default=None)
+                   for c in campaign.validation_combos]
+        first = [p for p in nearest if p is not None]
         needs.append(Need("bootstrap", 3.5, "bootstrap: one held-out point per validation combo", "validation", first,
                           lambda p, s: (first.index(p),), describe, max_picks=len(first), decay=1.0))
     return needs
 
 
 # ------------------------------------------------------------------------------------------- needs
-def find_needs(calib, campaign: Campaign, collected: set[str]) -> list[Need]:
+def find_needs(calib: Calibration | None, campaign: Campaign, collected: set[str]) -> list[Need]:
     """The diagnosis as needs, highest priority first (``calib`` None: the bootstrap)."""
     cands = open_candidates(campaign, collected)
     if calib is None:
@@ -408,7 +434,8 @@ def find_needs(calib, campaign: Campaign, collected: set[str]) -> list[Need]:
         if healthy and no_heldout:
             needs.append(Need("validation", PROMOTION_PRIORITY, "validation promotion: training split healthy "
                               "(no failing check), no held-out data yet", "validation", val,
-                              validation_order(campaign), lambda p: f"held-out {describe(p)} measures the held-out MAPE",
+                              validation_order(campaign),
+                              lambda p: f"held-out {describe(p)} measures the held-out MAPE",
                               max_picks=1))
         needs.append(Need("validation", VALIDATION_PRIORITY, f"validation reserve (~{VALIDATION_SHARE:.0%} of "
                           "each batch)", "validation", val, validation_order(campaign),
@@ -416,8 +443,8 @@ def find_needs(calib, campaign: Campaign, collected: set[str]) -> list[Need]:
     return sorted(needs, key=lambda n: -n.priority)
 
 
-def _state(calib, collected) -> CandidateState:
-    data_models = set()
+def _state(calib: Calibration | None, collected: Iterable[str] | None) -> CandidateState:
+    data_models: set[str] = set()
     if calib is not None:
         res = calib.residuals
         data_models = set(res.loc[(res["split"] == "train") & (res["dimension"] == "model") & (res["steps"] > 0),
@@ -425,7 +452,7 @@ def _state(calib, collected) -> CandidateState:
     return CandidateState(points_from_keys(collected or ()), data_models)
 
 
-def choose_next(calib, campaign: Campaign, collected: set[str], *, batch_size: int,
+def choose_next(calib: Calibration | None, campaign: Campaign, collected: set[str], *, batch_size: int,
                 budget_gpu_seconds_left: float | None, iteration: int) -> list[Pick]:
     """The next batch of sweep points (docs/spec.md §9, first version: the seed's menu driven by the diagnosis).
 
@@ -439,7 +466,10 @@ def choose_next(calib, campaign: Campaign, collected: set[str], *, batch_size: i
     state = _state(calib, collected)
     left = math.inf if budget_gpu_seconds_left is None else float(budget_gpu_seconds_left)
     reps = max(1, int(campaign.replicates))
-    cost = lambda p: float(campaign.gpu_seconds([p])) * reps  # noqa: E731
+
+    def cost(p: SweepPoint) -> float:
+        return float(campaign.gpu_seconds([p])) * reps
+
     bootstrap = calib is None
 
     val_members = {p.key for n in needs if n.split == "validation" for p in n.members}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,9 +20,9 @@ from rooflab.data.sweep import SweepPoint
 from rooflab.fit.residuals import bucket_frame
 from rooflab.model.coefficients import Coefficients
 from rooflab.model.engine_config import EngineConfig
-from rooflab.model.features import DEFAULT_FORMULAS, featurize
-from rooflab.model.step_timer import FittedStepTimer, arch_and_hardware
-from rooflab.model.variants import DEFAULT_VARIANT, get_variant
+from rooflab.model.features import featurize
+from rooflab.model.step_timer import arch_and_hardware, make_step_timer
+from rooflab.model.variants import DEFAULT_VARIANT, get_variant, resolve_formulas
 from rooflab.targeting.information import STEPS_PER_RUN
 from rooflab.twin.engine import Engine
 from rooflab.twin.simulate import simulate
@@ -57,7 +58,7 @@ def _close(sim: tuple, beta: np.ndarray) -> bool:
     return bool(ok.any() and np.max(np.abs(t_new[ok] / t_old[ok] - 1)) < REUSE_TOLERANCE)
 
 
-def simulate_point(point: SweepPoint, beta: dict, variant: str, formulas: str, max_requests: int = MAX_SIM_REQUESTS,
+def simulate_point(point: SweepPoint, beta: dict, variant: str, formulas: str | None, max_requests: int = MAX_SIM_REQUESTS,
                    max_steps: int = MAX_SIM_STEPS) -> tuple[pd.DataFrame, pd.DataFrame, float]:
     """``point`` run by the twin's scheduler with the fitted step model: (step table, request table,
     predicted GPU-seconds of the whole run). Only the first ``max_requests`` requests are simulated (a
@@ -65,8 +66,10 @@ def simulate_point(point: SweepPoint, beta: dict, variant: str, formulas: str, m
     rest is extrapolated: one typical request latency after the last arrival when the simulated server
     keeps up, at the simulated completion rate when its queue grows (run-level saturation)."""
     arch, hw = arch_and_hardware(point.model, point.hardware)
-    timer = FittedStepTimer(Coefficients(dict(beta), variant=variant, formulas=formulas), arch, hw, point.tp)
-    engine = Engine(arch, hw, point.tp, timer, EngineConfig(**dict(point.engine)), seed=point.seed)
+    timer = make_step_timer(Coefficients(dict(beta), variant=variant, formulas=resolve_formulas(variant, formulas)),
+                            arch, hw, point.tp)
+    options: dict[str, Any] = dict(point.engine)
+    engine = Engine(arch, hw, point.tp, timer, EngineConfig(**options), seed=point.seed)
     reqs = point_requests(point)
     sim = reqs[:max_requests]
     res = simulate(engine, sim, run_id=point.key, model=point.model, hardware=point.hardware, max_steps=max_steps)
@@ -85,7 +88,7 @@ def simulate_point(point: SweepPoint, beta: dict, variant: str, formulas: str, m
     return res.steps, q, float(span) * point.tp
 
 
-def predict_point(point: SweepPoint, beta: dict, variant: str = DEFAULT_VARIANT, formulas: str = DEFAULT_FORMULAS,
+def predict_point(point: SweepPoint, beta: dict, variant: str = DEFAULT_VARIANT, formulas: str | None = None,
                   sigma: float = 0.05) -> Prediction:
     """Predicted information and cost of one run of ``point`` under the coefficients ``beta``.
 
@@ -96,6 +99,7 @@ def predict_point(point: SweepPoint, beta: dict, variant: str = DEFAULT_VARIANT,
 
     v = get_variant(variant)
     b = np.array([beta.get(n, 0.0) for n in v.names])
+    formulas = resolve_formulas(variant, formulas)
     key = (dataclasses.replace(point, seed=0).key, variant, formulas)
     sim = next((s for s in _CACHE.get(key, ()) if _close(s, b)), None)
     if sim is None:

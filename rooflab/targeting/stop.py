@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from rooflab.collect.spec import Campaign
+from rooflab.fit.calibration import Calibration
 from rooflab.fit.residuals import HOTSPOT_MAPE
 from rooflab.targeting.candidates import hotspot_rows, model_arch, model_layers
 from rooflab.targeting.information import PRIOR_SD, STEPS_PER_RUN, sigma_of
@@ -59,7 +60,7 @@ class StopDecision:
     def unmet(self) -> list[str]:
         return [c.text for k, c in self.criteria.items() if k not in LIMIT_CRITERIA and not c.met]
 
-    def with_reason(self, stop: bool, reason: str) -> "StopDecision":
+    def with_reason(self, stop: bool, reason: str) -> StopDecision:
         return replace(self, stop=stop, reason=reason)
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,7 +72,7 @@ def _pct(v: float) -> str:
     return f"{v:.1%}" if abs(v) < 0.1 else f"{v:.0%}"
 
 
-def _num(v):
+def _num(v: float | None) -> float | None:
     return None if v is None or not np.isfinite(v) else float(v)
 
 
@@ -86,7 +87,7 @@ def identifiable_betas(campaign: Campaign) -> tuple[str, ...]:
     return tuple(out)
 
 
-def data_prior_ratio(calib, j: int) -> float:
+def data_prior_ratio(calib: Calibration, j: int) -> float:
     """How much more the collected data say about β_j (given the other βs) than a physical prior does:
     the data precision of the fit's relative-error design, with each training run counting as at most
     :data:`rooflab.targeting.doptimal.STEPS_PER_RUN` independent steps of noise σ (the fit's residual level), over the
@@ -99,7 +100,7 @@ def data_prior_ratio(calib, j: int) -> float:
     return float(fit.data_precision[j] * n_eff / sigma_of(calib) ** 2 * PRIOR_SD ** 2)
 
 
-def stop_rule(calib, *, gpu_seconds_spent: float, budget_gpu_seconds: float | None, iteration: int,
+def stop_rule(calib: Calibration | None, *, gpu_seconds_spent: float, budget_gpu_seconds: float | None, iteration: int,
               max_iterations: int | None, required: tuple[str, ...] = RANGE_BETAS,
               heldout_models: tuple[str, ...] = (), replay: dict | None = None) -> StopDecision:
     """Decide whether the campaign stops after this calibration (docs/spec.md §9).
@@ -113,7 +114,8 @@ def stop_rule(calib, *, gpu_seconds_spent: float, budget_gpu_seconds: float | No
     fewer runs cannot see run-to-run variation). ``heldout_models``: the held-out MAPE counts only once
     every one of them has held-out data (one lucky held-out run is not a space-filling validation).
     ``replay``: optionally, the held-out request-level error (:func:`rooflab.replay.predict.store_replay_error`);
-    it adds a criterion with docs/spec.md §12's targets (TTFT ≤ 12%, ITL ≤ 5%, E2E ≤ 5% median over held-out runs). Criteria ``budget`` and ``iteration_cap`` say whether that limit is reached."""
+    it adds a criterion with docs/spec.md §12's targets (TTFT ≤ 12%, ITL ≤ 5%, E2E ≤ 5% median over held-out runs).
+    Criteria ``budget`` and ``iteration_cap`` say whether that limit is reached."""
     crit: dict[str, Criterion] = {}
     if calib is None:
         crit["calibration"] = Criterion(met=False, value=None, threshold=None, text="no calibration yet")
@@ -222,7 +224,7 @@ def stop_rule(calib, *, gpu_seconds_spent: float, budget_gpu_seconds: float | No
         return StopDecision(True, "converged: all criteria met", crit, converged=True)
     if budget_hit or cap_hit:
         parts = []
-        if budget_hit:
+        if budget_hit and budget_gpu_seconds is not None:
             parts.append(f"budget spent: {gpu_seconds_spent / 3600:.2f} of {budget_gpu_seconds / 3600:.2f} GPU-h")
         if cap_hit:
             parts.append(f"iteration cap {max_iterations} reached")
@@ -230,7 +232,7 @@ def stop_rule(calib, *, gpu_seconds_spent: float, budget_gpu_seconds: float | No
     return StopDecision(False, f"continue ({crit['iteration_cap'].text}, {crit['budget'].text}); {unmet}", crit)
 
 
-def _per_step_overhead_cv(calib) -> tuple[float, int] | None:
+def _per_step_overhead_cv(calib: Calibration) -> tuple[float, int] | None:
     """Variants with a per-layer term split the per-step overhead into β7 + β_L·L; within the training
     models the two are nearly collinear (few distinct L), so each alone has a large bootstrap CV while
     their sum — what a step pays — is pinned. Returns (worst CV of the sum over the training models' L,

@@ -28,6 +28,7 @@ import copy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -81,7 +82,7 @@ def rebuild_batches(steps: pd.DataFrame, seed: int = 0, cv: float = CONTEXT_CV) 
         prefills = []
         if P > 0 and T > 0:
             base, extra = divmod(T, P)
-            prefills = [(base + (1 if i < extra else 0), 0) for i in range(P) if base + (i < extra) > 0]
+            prefills = [(n, 0, n) for n in (base + (1 if i < extra else 0) for i in range(P)) if n > 0]
         out.append(Batch(np.floor(ctx).astype(np.float64), prefills, D + len(prefills)))
     return out
 
@@ -97,7 +98,8 @@ def predict(steps: pd.DataFrame, batches: list[Batch], config: dict, hardware: s
             noise: bool = True) -> np.ndarray:
     hw = load_hardware(hardware)
     pred = np.empty(len(steps))
-    for (model, tp), idx in steps.groupby(["model", "tp"]).indices.items():
+    for key, idx in steps.groupby(["model", "tp"]).indices.items():
+        model, tp = cast(tuple[str, int], key)  # pandas-stubs type group keys as Hashable
         truth = TruthModel(load_model(model), hw, int(tp), config, seed=seed)
         f = truth.step_time_us if noise else truth.expected_step_time_us
         for i in idx:
@@ -131,11 +133,13 @@ def format_table(tab: pd.DataFrame) -> str:
     lines = ["| run | model | TP | steps | median APE | mean APE | bias | real p10/p50/p90 (ms) "
              "| twin p10/p50/p90 (ms) | IQR twin/real |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in tab.itertuples():
+    for r in tab.to_dict("records"):
         lines.append(
-            f"| {r.run} | {r.model} | {r.tp or '-'} | {r.steps} | {r.median_ape_pct:.2f}% | {r.mean_ape_pct:.2f}% | {r.bias_pct:+.2f}% | "
-            f"{r.real_p10 / 1e3:.2f} / {r.real_p50 / 1e3:.2f} / {r.real_p90 / 1e3:.2f} | "
-            f"{r.pred_p10 / 1e3:.2f} / {r.pred_p50 / 1e3:.2f} / {r.pred_p90 / 1e3:.2f} | {r.iqr_ratio:.2f} |")
+            f"| {r['run']} | {r['model']} | {r['tp'] or '-'} | {r['steps']} | {r['median_ape_pct']:.2f}% "
+            f"| {r['mean_ape_pct']:.2f}% | {r['bias_pct']:+.2f}% | "
+            f"{r['real_p10'] / 1e3:.2f} / {r['real_p50'] / 1e3:.2f} / {r['real_p90'] / 1e3:.2f} | "
+            f"{r['pred_p10'] / 1e3:.2f} / {r['pred_p50'] / 1e3:.2f} / {r['pred_p90'] / 1e3:.2f} | "
+            f"{r['iqr_ratio']:.2f} |")
     return "\n".join(lines)
 
 
@@ -149,13 +153,13 @@ def search(steps: pd.DataFrame, batches: list[Batch], config: dict, hardware: st
     for r in np.unique(runs):  # every run weighs the same
         w[runs == r] = 1.0 / np.sqrt((runs == r).sum())
 
-    def cfg_for(x):
+    def cfg_for(x: np.ndarray) -> dict:
         c = copy.deepcopy(config)
         for (sec, f, _, _), v in zip(SEARCH_SPACE, x):
             c[sec][f] = float(v)
         return c
 
-    def resid(x):
+    def resid(x: np.ndarray) -> np.ndarray:
         return w * np.log(predict(steps, batches, cfg_for(x), hardware, noise=False) / real)
 
     x0 = np.array([np.clip(config[s][f], lo, hi) for s, f, lo, hi in SEARCH_SPACE])
@@ -200,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
 
     real = steps["step_time_us"].to_numpy()
     worst_idx = np.argsort(-np.abs(np.log(pred / real)))[:5]
-    f = featurize(steps.iloc[worst_idx])
-    bound = np.maximum(f["F_pf_compute"] + f["F_dc_compute"], f["F_weight_static"] + f["F_weight_moe"]).to_numpy()
+    feats = featurize(steps.iloc[worst_idx])
+    bound = np.maximum((feats["F_pf_compute"] + feats["F_dc_compute"]).to_numpy(),
+                       (feats["F_weight_static"] + feats["F_weight_moe"]).to_numpy())
     for j, i in enumerate(worst_idx):
         r = steps.iloc[i]
         why = "measured below the bound: cycle-time attribution" if real[i] < bound[j] else \

@@ -38,7 +38,9 @@ from rooflab.twin import records as R
 
 
 class StepTimer(Protocol):
-    def step_time_us(self, decode_contexts: np.ndarray, prefills: list[tuple[int, int]], n_logits: int) -> float: ...
+    def step_time_us(self, decode_contexts: np.ndarray, prefills: list[tuple[int, int, int]], n_logits: int) -> float:
+        """``prefills``: (tokens this step, tokens computed before, the request's full prompt) per prefill chunk."""
+        ...
 
     def scheduler_cpu_us(self, n_requests: int) -> float: ...
 
@@ -69,7 +71,7 @@ class _PrefixCache:
     """Block-level prefix cache: full blocks inside a request's shared prefix, keyed (group, index),
     reference counted; unreferenced cached blocks stay resident but evictable (count as free)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.refs: dict[tuple, int] = {}
         self.evictable: dict[tuple, None] = {}  # insertion-ordered = LRU
 
@@ -136,7 +138,7 @@ class StepOutcome:
     finished: list  # requests that finished this step
     preempted: list
     record: R.StepRecord | None = None
-    aggregates: tuple | None = None  # (prefill_reqs, prefill_tokens, prefill_context, attn_pairs, logits_pf,
+    aggregates: tuple | None = None  # rooflab.twin.simulate.AGGREGATES: (prefill_reqs, prefill_tokens, prefill_context, attn_pairs, logits_pf,
     #                                   decode_reqs, decode_context, kv_usage, preemptions, running, waiting)
 
 
@@ -340,17 +342,18 @@ class Engine:
             computed = hits * bs
             want = min(tokens - computed, budget)
             own_blocks = -(-(computed + want) // bs) - hits
-            revived = self.prefix.acquire(req, hits) if hits else 0
+            revived = self.prefix.acquire(req, hits) if hits and self.prefix is not None else 0
             self.free_blocks -= revived
             if not self._take_blocks(own_blocks):
-                if hits:
+                if hits and self.prefix is not None:
                     self.free_blocks += self.prefix.release(req, hits)
                 break
             self.waiting.popleft()
             k = len(self.reqs)
             self.reqs.append(req)
             self.computed[k], self.total[k], self.prompt[k] = computed, tokens, req.prompt_tokens
-            stop = req.max_tokens if (req.ignore_eos or req.natural_len is None) else min(req.max_tokens, req.natural_len)
+            stop = (req.max_tokens if (req.ignore_eos or req.natural_len is None)
+                    else min(req.max_tokens, req.natural_len))
             self.out[k], self.stop_at[k] = req.output_tokens, stop
             self.blocks[k], self.prefix_held[k] = own_blocks + hits, hits
             added.append(want)
@@ -398,7 +401,8 @@ class Engine:
             return False
         bs = self.config.block_size
         self.residues = np.bincount((c % bs).astype(np.int64), minlength=bs).tolist()
-        self.finish_lag = (int(min((self.stop_at[:n] - self.out[:n]).min(), (self.max_model_len - self.total[:n]).min()))
+        self.finish_lag = (int(min((self.stop_at[:n] - self.out[:n]).min(),
+                                   (self.max_model_len - self.total[:n]).min()))
                            if n else 1 << 60)
         self.ctx_sum = float(c.sum())
         self.fast_ready = True
@@ -415,7 +419,7 @@ class Engine:
         budget = cfg.max_num_batched_tokens - n
         need_blocks = self.residues[(-L) % bs]  # decoders whose next token opens a new block
         free = self.free_blocks
-        new = []
+        new: list[tuple[Request, int, int]] = []
         if self.waiting:
             if self.prefix is not None:
                 return None
@@ -439,21 +443,24 @@ class Engine:
             self.waiting.popleft()
         contexts = self.computed[:n] + L
         if new:
-            prefills = [(t, 0) for _, t, _ in new]
+            prefills = [(t, 0, r.prompt_tokens) for r, t, _ in new]
             pf_tok = float(sum(t for _, t, _ in new))
             pairs = float(sum(t * (t + 1) / 2 for _, t, _ in new))
+            prompt_pairs = float(sum(t * (r.prompt_tokens + t / 2) for r, t, _ in new))
         else:
-            prefills, pf_tok, pairs = [], 0.0, 0.0
+            prefills, pf_tok, pairs, prompt_pairs = [], 0.0, 0.0, 0.0
         duration = float(self.timer.step_time_us(contexts, prefills, n + len(new)))
         aggregates = (float(len(new)), pf_tok, 0.0, pairs, float(len(new)), float(n), self.ctx_sum + n * L,
-                      1.0 - self.free_blocks / self.num_blocks, 0.0, float(n + len(new)), float(len(self.waiting)))
+                      1.0 - self.free_blocks / self.num_blocks, 0.0, float(n + len(new)), float(len(self.waiting)),
+                      prompt_pairs)
         end = now_us + duration
         L1 = L + 1
         self.lag = L1
         for req, tokens, nb in new:
             k = len(self.reqs)
             self.reqs.append(req)
-            stop = req.max_tokens if (req.ignore_eos or req.natural_len is None) else min(req.max_tokens, req.natural_len)
+            stop = (req.max_tokens if (req.ignore_eos or req.natural_len is None)
+                    else min(req.max_tokens, req.natural_len))
             out_after = req.output_tokens + 1
             c0 = tokens - L1  # stored so that stored + lag == true value
             self.computed[k], self.total[k], self.out[k] = c0, tokens + 1 - L1, out_after - L1
@@ -508,7 +515,7 @@ class Engine:
             return None
         self.blocks[:n] += grow
         duration = float(self.timer.step_time_us(computed.astype(np.float64), [], n))
-        aggregates = (0.0, 0.0, 0.0, 0.0, 0.0, float(n), float(computed.sum()), self.kv_usage, 0.0, float(n), 0.0)
+        aggregates = (0.0, 0.0, 0.0, 0.0, 0.0, float(n), float(computed.sum()), self.kv_usage, 0.0, float(n), 0.0, 0.0)
         end = now_us + duration
         computed += 1
         self.total[:n] += 1
@@ -572,7 +579,7 @@ class Engine:
         completes = active & (computed + sched == total)
         dec_ctx = computed[is_dec].astype(np.float64)
         pf_idx = np.flatnonzero(is_pf)
-        prefills = [(int(sched[k]), int(computed[k])) for k in pf_idx]
+        prefills = [(int(sched[k]), int(computed[k]), int(self.prompt[k])) for k in pf_idx]
         n_logits = int(completes.sum())
         n_sched = int(active.sum())
         duration = float(self.timer.step_time_us(dec_ctx, prefills, n_logits))
@@ -581,10 +588,11 @@ class Engine:
         pf_ctx = float(computed[is_pf].sum())
         s_pf = sched[is_pf].astype(np.float64)
         pairs = float((s_pf * computed[is_pf] + s_pf * (s_pf + 1) / 2).sum())
+        prompt_pairs = float((s_pf * (self.prompt[:n][is_pf] + s_pf / 2)).sum())
         logits_pf = float((completes & is_pf).sum())
         running_depth = n
         aggregates = (float(len(pf_idx)), pf_tok, pf_ctx, pairs, logits_pf, float(is_dec.sum()), float(dec_ctx.sum()),
-                      self.kv_usage, float(len(preempted)), float(running_depth), float(len(self.waiting)))
+                      self.kv_usage, float(len(preempted)), float(running_depth), float(len(self.waiting)), prompt_pairs)
 
         record = None
         if self.record_steps:
@@ -618,11 +626,11 @@ class Engine:
         done = completes & ((out_n >= self.stop_at[:n]) | (self.total[:n] >= self.max_model_len))
         finished_idx = np.flatnonzero(done).tolist()
         finished = []
-        for k in finished_idx:
-            req = self.reqs[k]
-            req.output_tokens = int(out_n[k])
+        for i in finished_idx:
+            req = self.reqs[i]
+            req.output_tokens = int(out_n[i])
             status = "length" if (req.output_tokens >= req.max_tokens or req.ignore_eos
-                                  or self.total[k] >= self.max_model_len) else "stop"
+                                  or self.total[i] >= self.max_model_len) else "stop"
             finished.append(req)
             self._finish(req, end, status)
         tokens = []
@@ -633,8 +641,8 @@ class Engine:
                 req.token_times_us.append(end)
                 tokens.append((req, bool(done[k])))
         if finished_idx:
-            for k in finished_idx:
-                self._free(k)
+            for i in finished_idx:
+                self._free(i)
             self._remove(finished_idx)
         self.finished_since_last_step = len(finished)
         out = StepOutcome(self.step_id, duration, tokens, finished, preempted, record, aggregates)

@@ -76,6 +76,7 @@ import random
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from rooflab.twin.records import (
     ABORTED,
@@ -110,16 +111,16 @@ def _jfloat(x: float) -> str:
     return '"NaN"' if math.isnan(x) else ('"Infinity"' if x > 0 else '"-Infinity"')
 
 
-def _attr(key: str, value) -> str:
+def _attr(key: str, value: object) -> str:
     if isinstance(value, bool):
-        v = '{"boolValue":%s}' % ("true" if value else "false")
+        v = '{"boolValue":' + ("true" if value else "false") + "}"
     elif isinstance(value, int):
-        v = '{"intValue":"%d"}' % value
+        v = f'{{"intValue":"{value:d}"}}'
     elif isinstance(value, float):
-        v = '{"doubleValue":%s}' % _jfloat(value)
+        v = '{"doubleValue":' + _jfloat(value) + "}"
     else:
-        v = '{"stringValue":%s}' % json.dumps(str(value))
-    return '{"key":%s,"value":%s}' % (json.dumps(key), v)
+        v = '{"stringValue":' + json.dumps(str(value)) + "}"
+    return '{"key":' + json.dumps(key) + ',"value":' + v + "}"
 
 
 def _resource(service_name: str) -> str:
@@ -179,10 +180,10 @@ class TraceWriter:
         self.spans_written = 0
 
     # -- context manager --------------------------------------------------------------------------
-    def __enter__(self) -> "TraceWriter":
+    def __enter__(self) -> TraceWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- ids ----------------------------------------------------------------------------------------
@@ -251,7 +252,8 @@ class TraceWriter:
             mine = pre.setdefault(e.request_id, {})
             if key not in mine:
                 mine[key] = (f'{json.dumps(str(e.request_id))}}}}},'
-                             f'{{"key":"request.phase","value":{{"stringValue":"{"PREFILL" if key[0] else "DECODE"}"}}}},'
+                             f'{{"key":"request.phase","value":{{"stringValue":"'
+                             f'{"PREFILL" if key[0] else "DECODE"}"}}}},'
                              f'{{"key":"request.num_prompt_tokens","value":{{"intValue":"{e.num_prompt_tokens}"}}}},'
                              f'{{"key":"request.num_computed_tokens","value":{{"intValue":"')
             frag[e.request_id] = mine[key]
@@ -263,7 +265,8 @@ class TraceWriter:
             f'{{"key":"request.num_output_tokens","value":{{"intValue":"{e.num_output_tokens}"}}}},'
             f'{{"key":"request.num_preemptions","value":{{"intValue":"{npre.get(e.request_id, 0) if npre else 0}"}}}},'
             f'{{"key":"request.scheduled_tokens_this_step","value":{{"intValue":"{e.scheduled_tokens}"}}}},'
-            f'{{"key":"kv.blocks_allocated_gpu","value":{{"intValue":"{(e.num_computed_tokens + e.scheduled_tokens + bs1) // bs}"}}}},'
+            f'{{"key":"kv.blocks_allocated_gpu","value":{{"intValue":"'
+            f'{(e.num_computed_tokens + e.scheduled_tokens + bs1) // bs}"}}}},'
             f'{{"key":"kv.blocks_cached_gpu","value":{{"intValue":"0"}}}}]}}'
             for e in record.entries])
 
@@ -371,7 +374,7 @@ class TraceWriter:
         p = self._pending
         parts: list[str] = ['{"resourceSpans":[']
 
-        def add_spans(spans):
+        def add_spans(spans: list[Any]) -> None:
             for i, sp in enumerate(spans):
                 if i:
                     parts.append(",")

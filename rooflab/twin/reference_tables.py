@@ -5,6 +5,8 @@ reproduce, used by the trace round-trip tests."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,12 +22,14 @@ from rooflab.data.adapters.otel_journeys import (
 )
 from rooflab.data.tables import validate_steps
 from rooflab.twin.otel import FINISH_STATUS
+from rooflab.twin.records import RequestEvent, StepRecord
 
 
-def journeys_from_request_events(request_events) -> tuple[dict[str, list[JourneyEvent]], dict[str, dict[str, int]]]:
+def journeys_from_request_events(request_events: Iterable[Any],
+                                 ) -> tuple[dict[str, list[JourneyEvent]], dict[str, dict[str, int]]]:
     """Twin RequestEvents -> (journeys by request id, API event times by request id), with the journey
     attributes the trace writer derives (``prefill.done_tokens`` high-water mark, fork finish statuses)."""
-    by_rid: dict[str, list] = defaultdict(list)
+    by_rid: dict[str, list[RequestEvent]] = defaultdict(list)
     for ev in _flatten(request_events):
         by_rid[ev.request_id].append(ev)
     journeys: dict[str, list[JourneyEvent]] = {}
@@ -50,7 +54,8 @@ def journeys_from_request_events(request_events) -> tuple[dict[str, list[Journey
     return journeys, api
 
 
-def _flatten(items):
+def _flatten(items: Iterable[Any]) -> Iterator[RequestEvent]:
+    """Request events, from lists nested to any depth."""
     for x in items:
         if isinstance(x, (list, tuple)):
             yield from _flatten(x)
@@ -58,15 +63,15 @@ def _flatten(items):
             yield x
 
 
-def tables_from_records(step_records, request_events, run_id: str, model: str, tp: int,
-                        hardware: str) -> OtelTables:
+def tables_from_records(step_records: Iterable[StepRecord], request_events: Iterable[Any], run_id: str, model: str,
+                        tp: int, hardware: str) -> OtelTables:
     """The engine's own record of the steps and requests as rooflab tables — the reference a trace read
     back with :func:`read_otel_traces` must reproduce. Step time here is the record's true
     ``ts_end_ns − ts_start_ns``; the reader's cycle time must equal it wherever it is not excluded."""
     recs = sorted(step_records, key=lambda r: r.step_id)
-    rows = [(r.step_id, e.request_id, e.num_prompt_tokens, e.num_computed_tokens, e.num_output_tokens,
-             e.scheduled_tokens) for r in recs for e in r.entries if e.scheduled_tokens > 0]
-    agg = aggregate_by_step(snapshot_entries(rows, run_id) if rows else None, run_id)
+    snaps = [(r.step_id, e.request_id, e.num_prompt_tokens, e.num_computed_tokens, e.num_output_tokens,
+              e.scheduled_tokens) for r in recs for e in r.entries if e.scheduled_tokens > 0]
+    agg = aggregate_by_step(snapshot_entries(snaps, run_id) if snaps else None, run_id)
     sid = np.array([r.step_id for r in recs], dtype=np.int64)
     aggr = agg.reindex(sid)
     steps = pd.DataFrame({

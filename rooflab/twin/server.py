@@ -20,8 +20,10 @@ import json
 import math
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import FastAPI
@@ -38,6 +40,11 @@ from rooflab.errors import InputError
 from rooflab.twin import records as R
 from rooflab.twin.engine import Engine, Request
 from rooflab.twin.tokenizer import TwinTokenizer
+
+if TYPE_CHECKING:
+    from rooflab.model.engine_config import EngineConfig
+    from rooflab.twin.otel import TraceWriter
+    from rooflab.twin.simulate import RequestOverheads
 
 DEFAULT_MAX_TOKENS = 16
 NATURAL_LEN_MEAN = 128  # mean output length when ignore_eos is off (geometric)
@@ -60,8 +67,8 @@ class _Live:
 
 
 class TwinServer:
-    def __init__(self, engine: Engine, overheads, tokenizer: TwinTokenizer, *, model_name: str,
-                 accel: float = 1.0, trace=None, seed: int = 0):
+    def __init__(self, engine: Engine, overheads: RequestOverheads, tokenizer: TwinTokenizer, *, model_name: str,
+                 accel: float = 1.0, trace: TraceWriter | None = None, seed: int = 0) -> None:
         if accel <= 0:
             raise InputError(None, "accel", "time acceleration must be positive")
         self.engine, self.overheads, self.tok = engine, overheads, tokenizer
@@ -76,7 +83,8 @@ class TwinServer:
         self.live: dict[str, _Live] = {}
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
-        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0, "success": {}}
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0}
+        self.finished_by_reason: dict[str, int] = {}  # vllm:request_success_total
         self.ttft: list[float] = []
 
     # clock ------------------------------------------------------------------------------------
@@ -133,7 +141,7 @@ class TwinServer:
                 continue
             end = start + out.duration_us
             self.vt = end
-            if out.record is not None:
+            if out.record is not None and self.trace is not None:  # records are kept only with a trace
                 self.trace.write_step(out.record)
             self.counters["preemptions"] += len(out.preempted)
             for ev in eng.drain_events():
@@ -141,7 +149,7 @@ class TwinServer:
                 if live is not None:
                     live.events.append(ev)
             await self.sleep_until(end)
-            for req, finished in out.tokens:
+            for req, _finished in out.tokens:
                 live = self.live.get(req.request_id)
                 if live is not None:
                     live.queue.put_nowait(("token", 1))
@@ -184,7 +192,7 @@ class TwinServer:
                                           num_output_tokens=req.output_tokens))
         self.counters["generation_tokens"] += req.output_tokens
         status = "abort" if aborted else req.status
-        self.counters["success"][status] = self.counters["success"].get(status, 0) + 1
+        self.finished_by_reason[status] = self.finished_by_reason.get(status, 0) + 1
         if not math.isnan(req.first_token_us):
             self.ttft.append((req.first_token_us - req.arrival_us) / 1e6)
         self.live.pop(req.request_id, None)
@@ -197,7 +205,7 @@ class TwinServer:
         m = f'model_name="{self.model_name}"'
         lines = []
 
-        def metric(name, kind, help_, value, labels=m):
+        def metric(name: str, kind: str, help_: str, value: float, labels: str = m) -> None:
             lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name}{{{labels}}} {float(value)}"])
 
         eng = self.engine
@@ -207,12 +215,13 @@ class TwinServer:
         metric("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", eng.kv_usage)
         metric("vllm:num_preemptions_total", "counter", "Cumulative number of preemption from the engine.",
                self.counters["preemptions"])
-        metric("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", self.counters["prompt_tokens"])
+        metric("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.",
+               self.counters["prompt_tokens"])
         metric("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
                self.counters["generation_tokens"])
         lines += ["# HELP vllm:request_success_total Count of successfully processed requests.",
                   "# TYPE vllm:request_success_total counter"]
-        for reason, n in sorted(self.counters["success"].items()):
+        for reason, n in sorted(self.finished_by_reason.items()):
             lines.append(f'vllm:request_success_total{{finished_reason="{reason}",{m}}} {float(n)}')
         buckets = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
         lines += ["# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.",
@@ -230,7 +239,7 @@ class TwinServer:
 # HTTP
 
 
-def _sse(obj) -> bytes:
+def _sse(obj: object) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
@@ -238,7 +247,7 @@ def create_app(server: TwinServer) -> FastAPI:
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
-    async def lifespan(app):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.start()
         yield
         await server.stop()
@@ -246,20 +255,21 @@ def create_app(server: TwinServer) -> FastAPI:
     app = FastAPI(title="rooflab twin (vLLM-compatible)", lifespan=lifespan)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc):  # vLLM answers malformed bodies with 400 BadRequestError
+    async def _invalid(request: HttpRequest, exc: RequestValidationError) -> JSONResponse:
+        # vLLM answers malformed bodies with 400 BadRequestError
         first = exc.errors()[0] if exc.errors() else {}
         return error_response(400, str(first.get("msg", "invalid request")), "BadRequestError")
 
     @app.get("/health")
-    async def health():
+    async def health() -> Response:
         return Response(status_code=200)
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics() -> PlainTextResponse:
         return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
-    async def models():
+    @app.get("/v1/models", response_model=None)  # the annotation below is for mypy, not a response model
+    async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{
             "id": server.model_name, "object": "model", "created": int(time.time()), "owned_by": "vllm",
             "root": server.model_name, "parent": None, "max_model_len": server.engine.max_model_len,
@@ -283,7 +293,7 @@ def create_app(server: TwinServer) -> FastAPI:
             rid = f"{rid}-{uuid.uuid4().hex[:6]}"
         return rid
 
-    async def handle(http: HttpRequest, chat: bool):
+    async def handle(http: HttpRequest, chat: bool) -> Response:
         body = await parse(http)
         if isinstance(body, JSONResponse):
             return body
@@ -325,18 +335,18 @@ def create_app(server: TwinServer) -> FastAPI:
         obj = "chat.completion.chunk" if chat else "text_completion"
         rng = np.random.default_rng(abs(hash(rid)) % (2**32))
 
-        def usage():
+        def usage() -> dict[str, int]:
             return {"prompt_tokens": prompt_tokens, "completion_tokens": live.req.output_tokens,
                     "total_tokens": prompt_tokens + live.req.output_tokens}
 
-        def choice(text, finish):
+        def choice(text: str, finish: str | None) -> dict[str, Any]:
             if chat:
                 return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
                         "finish_reason": finish, "stop_reason": None}
             return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
 
         if stream:
-            async def events():
+            async def events() -> AsyncIterator[bytes]:
                 try:
                     if chat:
                         yield _sse({"id": cid, "object": obj, "created": created, "model": server.model_name,
@@ -388,18 +398,18 @@ def create_app(server: TwinServer) -> FastAPI:
                             headers=headers)
 
     @app.post("/v1/completions")
-    async def completions(http: HttpRequest):
+    async def completions(http: HttpRequest) -> Response:
         return await handle(http, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(http: HttpRequest):
+    async def chat_completions(http: HttpRequest) -> Response:
         return await handle(http, chat=True)
 
     return app
 
 
 def build_server(model: str, hardware: str, tp: int, *, accel: float = 1.0, trace_path: str | Path | None = None,
-                 seed: int = 0, served_model_name: str | None = None, engine_config=None,
+                 seed: int = 0, served_model_name: str | None = None, engine_config: EngineConfig | None = None,
                  tokenizer_path: str | Path | None = None) -> TwinServer:
     """A twin server for (model, TP, hardware) with the hidden truth model as its step timer."""
     from rooflab.model.arch import load_model

@@ -26,16 +26,20 @@ from rooflab.twin import records as R
 from rooflab.twin.engine import Engine, Request
 
 AGGREGATES = ("prefill_reqs", "prefill_tokens", "prefill_context", "prefill_attn_pairs", "prefill_logits",
-              "decode_reqs", "decode_context", "kv_usage", "preemptions", "running", "waiting")
+              "decode_reqs", "decode_context", "kv_usage", "preemptions", "running", "waiting", "prefill_prompt_pairs")
 
 
 class RequestOverheads(Protocol):
     """What a request costs outside the engine's steps (the α terms). Owned here, by the loop that calls it:
-    ``api_us`` — arrival to queue entry; ``post_us`` — last token to departure."""
+    ``api_us`` — arrival to queue entry; ``post_us`` — last token to departure; ``first_token_us`` — what the
+    client sees added to the first token's time without delaying the engine (BLIS's α2 on TTFT; 0 for vLLM's
+    own timing)."""
 
     def api_us(self, req: Request) -> float: ...
 
     def post_us(self, req: Request) -> float: ...
+
+    def first_token_us(self, req: Request) -> float: ...
 
 
 class TraceSink(Protocol):
@@ -53,6 +57,9 @@ class NoOverheads:
     def post_us(self, req: Request) -> float:
         return 0.0
 
+    def first_token_us(self, req: Request) -> float:
+        return 0.0
+
 
 class ConstantOverheads:
     """α0 before the queue, α1 + α2·n_out after the last token: a fitted α."""
@@ -66,6 +73,27 @@ class ConstantOverheads:
     def post_us(self, req: Request) -> float:
         return self.a1 + self.a2 * req.output_tokens
 
+    def first_token_us(self, req: Request) -> float:
+        return 0.0
+
+
+class BlisOverheads:
+    """BLIS's α semantics (docs/blis.md §5): each α truncated to whole µs; α0 delays queue entry; α2 is added
+    once to TTFT and once to every inter-token interval, α1 once at the end — so E2E = last token + α2·n_out
+    + α1, as :class:`ConstantOverheads`, and TTFT gains α2 — none of which delays the simulated GPU."""
+
+    def __init__(self, alpha: tuple[float, float, float] | list[float]):
+        self.a0, self.a1, self.a2 = (float(math.trunc(a)) for a in alpha)
+
+    def api_us(self, req: Request) -> float:
+        return self.a0
+
+    def post_us(self, req: Request) -> float:
+        return (self.a1 if req.output_tokens > 0 else 0.0) + self.a2 * req.output_tokens
+
+    def first_token_us(self, req: Request) -> float:
+        return self.a2
+
 
 class RecordedOverheads:
     """Per-request overheads by request id (replaying a run with the overheads it had)."""
@@ -78,6 +106,9 @@ class RecordedOverheads:
 
     def post_us(self, req: Request) -> float:
         return float(self.post[req.request_id])
+
+    def first_token_us(self, req: Request) -> float:
+        return 0.0
 
 
 @dataclass

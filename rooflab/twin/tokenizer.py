@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ROOFLAB_CACHE", Path.home() / ".cache" / "rooflab"))
 
 
-def _corpus(n_lines: int = 4000, seed: int = 7):
+def _corpus(n_lines: int = 4000, seed: int = 7) -> Iterator[str]:
     rng = np.random.default_rng(seed)
     words = ["".join(rng.choice(_SYLLABLES, rng.integers(1, 4))) for _ in range(6000)]
     for _ in range(n_lines):
@@ -100,7 +101,7 @@ class TwinTokenizer:
         return [self.words[i] for i in idx]
 
 
-def _content(content) -> str:
+def _content(content: object) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # OpenAI content parts

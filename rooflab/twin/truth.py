@@ -53,15 +53,21 @@ All constants come from ``configs/twin/<hardware>.yaml``; datasheet peaks, HBM a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from rooflab.errors import InputError
 from rooflab.model.arch import ModelArch
 from rooflab.model.hardware import Hardware, load_hardware
 from rooflab.paths import CONFIGS_DIR
+
+if TYPE_CHECKING:
+    from rooflab.twin.engine import Request
 
 # ---------------------------------------------------------------------------------------------------
 # Configuration schema: section -> field -> kind.
@@ -74,7 +80,8 @@ SCHEMA: dict[str, dict[str, str]] = {
                   "decode_compute_eff": "frac", "kv_bw_eff": "frac", "kv_block": "int",
                   "per_request_us": "nonneg", "kernel_us": "nonneg"},
     "allreduce": {"one_shot_latency_us": "nonneg", "two_shot_latency_us": "nonneg", "ring_latency_us": "nonneg",
-                  "latency_per_peer_us": "nonneg", "bw_eff": "frac", "one_shot_max_bytes": "pos", "custom_max_bytes": "pos"},
+                  "latency_per_peer_us": "nonneg", "bw_eff": "frac", "one_shot_max_bytes": "pos",
+                  "custom_max_bytes": "pos"},
     "moe": {"zipf_s": "nonneg", "layer_samples": "int", "block_m": "int", "kernel_us": "nonneg"},
     "overhead": {"per_layer_us": "nonneg", "eager_per_layer_us": "nonneg", "elementwise_bw_eff": "frac",
                  "cudagraph_max_tokens": "int", "sampler_bytes_per_logit": "nonneg"},
@@ -98,7 +105,7 @@ def list_twin_hardware() -> list[str]:
     return sorted(p.stem for p in twin_configs_dir().glob("*.yaml"))
 
 
-def _check_value(source: str, where: str, kind: str, v) -> float:
+def _check_value(source: str, where: str, kind: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise InputError(source, where, f"expected a number, got {v!r}")
     bad = {
@@ -112,7 +119,7 @@ def _check_value(source: str, where: str, kind: str, v) -> float:
     return float(v)
 
 
-def parse_twin_config(doc, *, source: str) -> dict[str, dict[str, float]]:
+def parse_twin_config(doc: Any, *, source: str) -> dict[str, dict[str, float]]:
     """Validate a parsed twin config: every section and field of :data:`SCHEMA`, nothing else."""
     if not isinstance(doc, dict):
         raise InputError(source, None, "expected a YAML mapping of sections")
@@ -164,7 +171,7 @@ class GemmGroup:
     flop_us: np.ndarray  # achievable-peak FLOP per µs = peak·1e6·eff_max
 
     @staticmethod
-    def build(rows: list[tuple[float, float, float, float, float]]) -> "GemmGroup":
+    def build(rows: Sequence[tuple[float, float, float, float, float]]) -> GemmGroup:
         rows = [r for r in rows if r[2] > 0 and r[0] > 0 and r[1] > 0]
         a = np.array(rows, dtype=np.float64).reshape(-1, 5)
         return GemmGroup(a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4])
@@ -348,7 +355,7 @@ class TruthModel:
     # -------------------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, hardware: str, arch: ModelArch, tp: int, seed: int = 0,
-                    path: Path | None = None) -> "TruthModel":
+                    path: Path | None = None) -> TruthModel:
         cfg_path = Path(path) if path is not None else twin_configs_dir() / f"{hardware}.yaml"
         cfg = load_twin_config(hardware, cfg_path)
         return cls(arch, load_hardware(hardware), tp, cfg, seed=seed, source=str(cfg_path))
@@ -521,10 +528,10 @@ class TruthModel:
         return float(np.maximum(self._dec_cmp_us_per_tok * (ctx + 1.0),
                                 self._dec_mem_us_per_block_tok * kv).sum()) + self._attn_req_us * D
 
-    def prefill_attention_us(self, prefills) -> float:
+    def prefill_attention_us(self, prefills: Sequence[tuple[int, int, int]]) -> float:
         t = 0.0
         qt, nh = self._qtile, self._pf_n_half
-        for n, c in prefills:
+        for n, c, _ in prefills:
             if n <= 0:
                 continue
             pairs = n * c + n * (n + 1) / 2.0
@@ -535,11 +542,12 @@ class TruthModel:
         return t
 
     # --- the interface the engine calls ----------------------------------------------------------
-    def _step_us(self, decode_contexts, prefills, n_logits: int, sampled: bool) -> float:
+    def _step_us(self, decode_contexts: np.ndarray, prefills: Sequence[tuple[int, int, int]], n_logits: int,
+                 sampled: bool) -> float:
         D = len(decode_contexts)
         if prefills:
             T_pf = 0
-            for n, _ in prefills:
+            for n, _, _ in prefills:
                 T_pf += n
             B = D + len(prefills)
         else:
@@ -565,19 +573,21 @@ class TruthModel:
         if prefills:
             gpu += self.prefill_attention_us(prefills)
             if self._mla:
-                gpu += self.gemm_group_us(self._g_kvb, sum(n + c for n, c in prefills))
+                gpu += self.gemm_group_us(self._g_kvb, sum(n + c for n, c, _ in prefills))
         if self._moe:
             gpu += self.moe_sampled_us(M) if sampled else self.moe_expected_us(M)
         lm = self._lm_cache.get(n_logits)
         gpu += self.lm_head_us(int(n_logits)) if lm is None else lm
         return cpu + gpu
 
-    def expected_step_time_us(self, decode_contexts, prefills, n_logits) -> float:
+    def expected_step_time_us(self, decode_contexts: ArrayLike, prefills: Sequence[tuple[int, int, int]],
+                              n_logits: int) -> float:
         """Step time (µs) without noise, stragglers or routing draws (MoE at its expected expert time).
         An empty step (no decodes, no prefills) returns the per-step CPU cost only."""
         return self._step_us(np.asarray(decode_contexts, dtype=np.float64), prefills, n_logits, False)
 
-    def step_time_us(self, decode_contexts, prefills, n_logits) -> float:
+    def step_time_us(self, decode_contexts: ArrayLike, prefills: Sequence[tuple[int, int, int]],
+                     n_logits: int) -> float:
         """Step time (µs) with sampled MoE routing, lognormal noise and rare stragglers (uses self.rng)."""
         if type(decode_contexts) is not np.ndarray:
             decode_contexts = np.asarray(decode_contexts, dtype=np.float64)
@@ -609,8 +619,11 @@ class TruthModel:
         return mean * math.exp(s * self._normal() - 0.5 * s * s)
 
     # the request-overheads protocol of the fast-mode loop (rooflab.twin.simulate.RequestOverheads)
-    def api_us(self, req) -> float:
+    def api_us(self, req: Request) -> float:
         return self.api_overhead_us()
 
-    def post_us(self, req) -> float:
+    def post_us(self, req: Request) -> float:
         return self.post_decode_overhead_us(req.output_tokens)
+
+    def first_token_us(self, req: Request) -> float:
+        return 0.0  # vLLM's first token leaves with the step that made it

@@ -8,6 +8,8 @@ departure) × TP.
 
 from __future__ import annotations
 
+from typing import Any
+
 from rooflab.collect.launchers import RunResult
 from rooflab.data.store import RunDir
 from rooflab.data.sweep import SweepPoint
@@ -35,7 +37,8 @@ class DirectLauncher:
         arch, hw = load_model(point.model), load_hardware(point.hardware)
         seed = point.seed
         truth = TruthModel.from_config(hw.name, arch, point.tp, seed=seed)
-        engine = Engine(arch, hw, point.tp, truth, EngineConfig(**dict(point.engine)), seed=seed)
+        options: dict[str, Any] = dict(point.engine)
+        engine = Engine(arch, hw, point.tp, truth, EngineConfig(**options), seed=seed)
         reqs = point_requests(point, seed=seed)
         if self.traces:
             with TraceWriter(rd.sub("traces", "traces.jsonl"), seed=seed) as w:
@@ -45,7 +48,8 @@ class DirectLauncher:
         q = res.requests
         rejected = int((q["status"] == "rejected").sum())
         span = (q["departed_us"].max() - q["arrived_us"].min()) / 1e6 if len(q) else 0.0
-        engine_info = {"kind": "twin-direct", "num_gpu_blocks": engine.num_blocks, "max_model_len": engine.max_model_len}
+        engine_info = {"kind": "twin-direct", "num_gpu_blocks": engine.num_blocks,
+                       "max_model_len": engine.max_model_len}
         if rejected:
             return RunResult("failed", f"{rejected} of {len(q)} requests were rejected by the server (HTTP 400)",
                              steps=res.steps, requests=q, gpu_seconds=float(span) * point.tp, engine=engine_info)

@@ -24,9 +24,14 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rooflab.errors import InputError
+
+if TYPE_CHECKING:
+    from rooflab.data.sweep import SweepPoint
 
 _METRIC = re.compile(r"^(vllm:num_requests_(?:running|waiting))\{[^}]*\}\s+([0-9.eE+-]+)", re.M)
 
@@ -183,7 +188,8 @@ class CommandEndpoint(Endpoint):
         try:
             return [part.format(**values) for part in self.template]
         except (KeyError, IndexError) as exc:
-            raise InputError(None, "endpoint.template", f"unknown placeholder {exc} (known: {', '.join(values)})") from None
+            raise InputError(None, "endpoint.template",
+                             f"unknown placeholder {exc} (known: {', '.join(values)})") from None
 
     def start(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -222,12 +228,12 @@ class CommandEndpoint(Endpoint):
 class EndpointPool:
     """One started endpoint per (model, TP, hardware, engine options), reused across sweep points."""
 
-    def __init__(self, factory, max_servers: int = 2):
+    def __init__(self, factory: Callable[[SweepPoint], Endpoint], max_servers: int = 2) -> None:
         self.factory, self.max_servers = factory, max_servers
-        self.servers: dict = {}
+        self.servers: dict[tuple, Endpoint] = {}
         self.lock = threading.Lock()
 
-    def get(self, point) -> Endpoint:
+    def get(self, point: SweepPoint) -> Endpoint:
         key = (point.model, point.tp, point.hardware, point.engine)
         with self.lock:
             ep = self.servers.get(key)

@@ -8,6 +8,7 @@ from rooflab.collect.collector import Launcher
 from rooflab.collect.launchers.direct import DirectLauncher
 from rooflab.collect.launchers.endpoints import (
     CommandEndpoint,
+    Endpoint,
     EndpointPool,
     ExternalEndpoint,
     expand_path,
@@ -15,6 +16,8 @@ from rooflab.collect.launchers.endpoints import (
     vllm_command,
 )
 from rooflab.collect.launchers.inference_perf import InferencePerfLauncher
+from rooflab.collect.spec import Campaign
+from rooflab.data.sweep import SweepPoint
 
 LAUNCHERS = ("inference-perf", "direct")
 # engine options `rooflab twin serve` takes (the rest keep the twin's defaults)
@@ -22,7 +25,7 @@ _TWIN_FLAGS = {"max_num_seqs", "max_num_batched_tokens", "max_model_len", "gpu_m
                "enable_prefix_caching", "num_gpu_blocks"}
 
 
-def make_launcher(campaign, kind: str, workdir: str | Path, *, direct_traces: bool = False):
+def make_launcher(campaign: Campaign, kind: str, workdir: str | Path, *, direct_traces: bool = False) -> Launcher:
     if kind == "direct":
         return DirectLauncher(traces=direct_traces)
     if kind != "inference-perf":
@@ -32,38 +35,39 @@ def make_launcher(campaign, kind: str, workdir: str | Path, *, direct_traces: bo
     ep = campaign.endpoint
     servers = Path(workdir) / "servers"
 
-    def name_for(point):
-        return (ep.served_model_name or "{model}").format(model=point.model)
+    def name_for(served_model_name: str | None, point: SweepPoint) -> str:
+        return (served_model_name or "{model}").format(model=point.model)
 
     if ep.kind == "twin":
         from rooflab.twin.tokenizer import ensure_tokenizer
 
         tok = str(ensure_tokenizer())
 
-        def factory(point):
+        def factory(point: SweepPoint) -> Endpoint:
             engine = {k: v for k, v in dict(point.engine).items() if k in _TWIN_FLAGS and v is not None}
             return CommandEndpoint(twin_command(ep.accel, engine, seed=point.seed), model=point.model, tp=point.tp,
                                    hardware=point.hardware, workdir=servers, tokenizer_dir=tok, model_name=point.model,
                                    health_timeout_s=ep.health_timeout_s, time_scale=ep.accel)
     elif ep.kind == "command":
-        def factory(point):
+        def factory(point: SweepPoint) -> Endpoint:
             return CommandEndpoint(list(ep.template), model=point.model, tp=point.tp, hardware=point.hardware,
-                                   workdir=servers, tokenizer_dir=ep.tokenizer, model_name=name_for(point),
+                                   workdir=servers, tokenizer_dir=ep.tokenizer,
+                                   model_name=name_for(ep.served_model_name, point),
                                    health_timeout_s=ep.health_timeout_s)
     elif ep.kind == "vllm":
         python = vllm_python(ep.python)
 
-        def factory(point):
+        def factory(point: SweepPoint) -> Endpoint:
             model_path = expand_path(ep.model_path.format(model=point.model))
-            name = name_for(point)
+            name = name_for(ep.served_model_name, point)
             tok = expand_path(ep.tokenizer.format(model=point.model)) if ep.tokenizer else model_path
             return CommandEndpoint(vllm_command(python, model_path, name, dict(point.engine), ep.args, dict(ep.env)),
                                    model=point.model, tp=point.tp, hardware=point.hardware, workdir=servers,
                                    tokenizer_dir=tok, model_name=name, health_timeout_s=ep.health_timeout_s,
                                    trace_format="steplog")
     else:
-        def factory(point):
-            return ExternalEndpoint(ep.base_url, ep.trace_path, ep.tokenizer, name_for(point),
+        def factory(point: SweepPoint) -> Endpoint:
+            return ExternalEndpoint(ep.base_url, ep.trace_path, ep.tokenizer, name_for(ep.served_model_name, point),
                                     trace_format=ep.trace_format)
     pool = EndpointPool(factory, max_servers=max(1, campaign.collection.concurrency))
     return InferencePerfLauncher(pool, timeout_s=campaign.collection.timeout_s)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from rooflab.collect.launchers import RunResult
-from rooflab.collect.launchers.endpoints import EndpointPool
+from rooflab.collect.launchers.endpoints import Endpoint, EndpointPool
 from rooflab.data.store import RunDir
 from rooflab.data.sweep import SweepPoint
 
@@ -63,7 +63,8 @@ def client_point(point: SweepPoint, time_scale: float) -> SweepPoint:
 
     duration = point.duration_s / time_scale
     if duration < 1 or abs(duration - round(duration)) > 1e-9:
-        raise InputError(None, "endpoint.accel", f"duration_s / accel = {point.duration_s:g} / {time_scale:g} must be a "
+        raise InputError(None, "endpoint.accel",
+                         f"duration_s / accel = {point.duration_s:g} / {time_scale:g} must be a "
                          "whole number of seconds >= 1 (inference-perf stage durations are integers)")
     params = dict(point.params)
     params["rate"] = float(params["rate"]) * time_scale
@@ -129,9 +130,10 @@ class InferencePerfLauncher:
                              extra={"inference_perf": ip})
         if steplog:
             return _steplog_result(trace_file, rd, point, ip, engine, out_dir)
+        budget = dict(point.engine).get("max_num_batched_tokens")
         tables = read_otel_traces(trace_file, run_id=rd.run_id, model=point.model,
                                   tp=point.tp, hardware=point.hardware,
-                                  max_num_batched_tokens=dict(point.engine).get("max_num_batched_tokens"))
+                                  max_num_batched_tokens=int(budget) if budget is not None else None)
         req = tables.requests
         span = (req["departed_us"].max() - req["arrived_us"].min()) / 1e6 if len(req) else 0.0
         if len(req) != ok:
@@ -140,10 +142,12 @@ class InferencePerfLauncher:
                          extra={"inference_perf": ip, "ingest": tables.report})
 
 
-def _prepend_engine_lines(ep, mark: int, trace_file: Path) -> None:
+def _prepend_engine_lines(ep: Endpoint, mark: int, trace_file: Path) -> None:
     """The vllm-steplog ``engine`` line (vLLM version, token budget, KV blocks) is written when the server
     starts, before any run's window: copy it in front of the run's lines so each run folder is self-contained.
     It is among the file's first lines (one file per started server), so only the first MiB is read."""
+    if ep.trace_path is None:  # no trace file: nothing was copied, nothing to prepend
+        return
     head = b""
     with open(ep.trace_path, "rb") as fh:
         for line in fh.read(min(mark, 1 << 20)).split(b"\n"):
@@ -153,7 +157,8 @@ def _prepend_engine_lines(ep, mark: int, trace_file: Path) -> None:
         trace_file.write_bytes(head + trace_file.read_bytes())
 
 
-def _steplog_result(trace_file: Path, rd: RunDir, point: SweepPoint, ip: dict, engine: dict, out_dir: Path) -> RunResult:
+def _steplog_result(trace_file: Path, rd: RunDir, point: SweepPoint, ip: dict, engine: dict,
+                    out_dir: Path) -> RunResult:
     """Stock vLLM: tables from the vllm-steplog lines, joined with inference-perf's per-request records
     through the response ``id`` (= ``cmpl-<X-Request-Id or vLLM's id>``) and checked against them."""
     from rooflab.data.adapters.steplog import (
@@ -171,7 +176,8 @@ def _steplog_result(trace_file: Path, rd: RunDir, point: SweepPoint, ip: dict, e
         report["client_match"] = match
         cols = ["request_id", "client_start_us", "client_first_chunk_us", "client_end_us"]
         req = req.merge(joined[cols].dropna(subset=["request_id"]), on="request_id", how="left")
-    engine = {**engine, "kind": "vllm", "vllm": tables.engine.get("vllm"), "steplog_plugin": tables.engine.get("plugin")}
+    engine = {**engine, "kind": "vllm", "vllm": tables.engine.get("vllm"),
+              "steplog_plugin": tables.engine.get("plugin")}
     span = (req["departed_us"].max() - req["arrived_us"].min()) / 1e6 if len(req) else 0.0
     if len(req) != ip["successes"]:
         ip["trace_requests"] = len(req)

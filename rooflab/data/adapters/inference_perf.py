@@ -21,7 +21,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import pandas as pd
@@ -33,7 +33,8 @@ COLUMNS = ("index", "request_id", "start_s", "end_s", "first_chunk_s", "input_to
 _ID_RE = re.compile(r'"id"\s*:\s*"([^"]+)"')
 
 
-def _num(v: Any) -> bool:
+def _num(v: Any) -> TypeGuard[float]:
+    """A finite int or float (not a bool)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -73,7 +74,9 @@ def read_per_request(path: str | Path, *, require_streamed: bool = False) -> pd.
         start, end = float(r["start_time"]), float(r["end_time"])
         if end < start:
             raise InputError(path, f"[{i}].end_time", f"{end} is before start_time {start}")
-        info = r.get("info") if isinstance(r.get("info"), dict) else {}
+        info = r.get("info")
+        if not isinstance(info, dict):
+            info = {}
         inp = info.get("input_tokens")
         if not _num(inp):
             inp = ((info.get("request_metrics") or {}).get("text") or {}).get("input_tokens")

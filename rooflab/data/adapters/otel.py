@@ -51,8 +51,9 @@ import gc
 import json
 import math
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, overload
 
 import numpy as np
 import pandas as pd
@@ -73,6 +74,7 @@ from rooflab.data.tables import validate_steps
 from rooflab.errors import InputError
 from rooflab.files import input_files
 
+_loads: Callable[[str | bytes], Any]
 try:  # orjson ships with the pinned environment (prefect); json is the fallback
     import orjson
 
@@ -92,7 +94,7 @@ def _steps_frame(summ: Mapping[int, dict], snap_agg: pd.DataFrame, rec_agg: pd.D
     n = len(ids)
     sid = np.array(ids, dtype=np.int64)
 
-    def s_col(key):
+    def s_col(key: str) -> np.ndarray:
         return np.array([_num(summ[i].get(key)) if i in summ else np.nan for i in ids], dtype=np.float64)
 
     has_summ = np.array([i in summ for i in ids], dtype=bool)
@@ -133,7 +135,7 @@ def _steps_frame(summ: Mapping[int, dict], snap_agg: pd.DataFrame, rec_agg: pd.D
 
     # cycle time
     cycle = np.full(n, np.nan)
-    reasons = Counter()
+    reasons: Counter[str] = Counter()
     running, waiting = s_col("queue.running_depth"), s_col("queue.waiting_depth")
     sched_tok = s_col("batch.scheduled_tokens")
     n_fin_next = s_col("batch.num_finished")
@@ -174,8 +176,8 @@ def _steps_frame(summ: Mapping[int, dict], snap_agg: pd.DataFrame, rec_agg: pd.D
     return steps
 
 
-def _attrs(lst) -> dict:
-    out = {}
+def _attrs(lst: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     if not isinstance(lst, list):
         return out
     for a in lst:
@@ -202,19 +204,23 @@ def _attrs(lst) -> dict:
     return out
 
 
-def _num(x) -> float:
+def _num(x: Any) -> float:
     try:
         return float(x)
     except (TypeError, ValueError):
         return np.nan
 
 
-def _first(v):
+def _first(v: dict) -> Any:
     """The scalar of an OTLP AnyValue ({"intValue": "42"} -> "42")."""
     return next(iter(v.values()))
 
 
-def _int(x, default=None):
+@overload
+def _int(x: Any) -> int | None: ...
+@overload
+def _int(x: Any, default: int) -> int: ...
+def _int(x: Any, default: int | None = None) -> int | None:
     if x is None:
         return default
     try:
@@ -227,9 +233,11 @@ def _int(x, default=None):
 def _journey_event(name: str, at: dict) -> JourneyEvent | None:
     ts = _int(at.get("ts.monotonic_ns"))
     if ts is None or ts <= 0:
-        s = at.get("ts.monotonic")
+        raw = at.get("ts.monotonic")
+        if raw is None:
+            return None
         try:
-            s = float(s)
+            s = float(raw)
         except (TypeError, ValueError):
             return None
         if not math.isfinite(s):
@@ -246,13 +254,13 @@ def _journey_event(name: str, at: dict) -> JourneyEvent | None:
 
 
 class _Collector:
-    def __init__(self):
+    def __init__(self) -> None:
         self.summ: dict[int, dict] = {}
         self.snap: dict[tuple[int, str], tuple] = {}
         self.core: dict[str, dict] = {}  # trace id / rid key -> {"rid", "trace", "events": {key: ev}}
         self.api: dict[str, dict] = {}  # trace id -> {"rid", "events": {name: ts}}
         self.seen_spans: set = set()
-        self.c = Counter()
+        self.c: Counter[str] = Counter()
 
     def span(self, sp: dict) -> None:
         key = (sp.get("traceId"), sp.get("spanId"), sp.get("name"), sp.get("startTimeUnixNano"),
@@ -278,7 +286,7 @@ class _Collector:
                     span_attrs = _attrs(sp.get("attributes"))
                 self._request_event(sp, span_attrs, name, _attrs(ev.get("attributes")))
 
-    def _snapshot(self, lst) -> None:
+    def _snapshot(self, lst: Any) -> None:
         """REQUEST_SNAPSHOT, the bulk of a rich trace: a fast path for well-formed attributes."""
         try:
             d = {a["key"]: a["value"] for a in lst}
@@ -289,12 +297,13 @@ class _Collector:
         except (KeyError, TypeError, ValueError, AttributeError, StopIteration):
             at = _attrs(lst)
             sid, rid = _int(at.get("step.id")), at.get("request.id")
-            vals = (_int(at.get("request.num_prompt_tokens")), _int(at.get("request.num_computed_tokens")),
-                    _int(at.get("request.num_output_tokens")), _int(at.get("request.scheduled_tokens_this_step")))
-            if sid is None or rid is None or None in vals:
+            p, c, o, s = (_int(at.get("request.num_prompt_tokens")), _int(at.get("request.num_computed_tokens")),
+                          _int(at.get("request.num_output_tokens")),
+                          _int(at.get("request.scheduled_tokens_this_step")))
+            if sid is None or rid is None or p is None or c is None or o is None or s is None:
                 self.c["bad_events"] += 1
                 return
-            key = (sid, str(rid))
+            key, vals = (sid, str(rid)), (p, c, o, s)
         if key in self.snap:
             self.c["duplicate_events_dropped"] += 1
             return
@@ -324,6 +333,9 @@ class _Collector:
             if rec["rid"] is None:
                 rec["rid"] = rid
             s = at.get("event.ts.monotonic")
+            if s is None:
+                self.c["bad_events"] += 1
+                return
             try:
                 ts = int(round(float(s) * 1e9))
             except (TypeError, ValueError, OverflowError):
@@ -457,11 +469,11 @@ def read_otel_traces(paths: str | Path | Iterable[str | Path], *, run_id: str, m
     if budget is None and col.summ:
         seen = [_int(a.get("batch.scheduled_tokens"), 0) for a in col.summ.values()]
         budget = max(seen) if seen and max(seen) > 0 else None
-    rec = reconstruct_steps(journeys, budget) if journeys else None
-    rec_agg = aggregate_by_step(rec.entries, run_id) if rec is not None else None
-    if rec is not None:
-        report["reconstruction_skipped"] = rec.skipped
-        report["reconstruction_inconsistent"] = rec.inconsistent
+    recon = reconstruct_steps(journeys, budget) if journeys else None
+    rec_agg = aggregate_by_step(recon.entries, run_id) if recon is not None else None
+    if recon is not None:
+        report["reconstruction_skipped"] = recon.skipped
+        report["reconstruction_inconsistent"] = recon.inconsistent
     snap_rows = [(sid, rid) + v for (sid, rid), v in col.snap.items() if v[3] > 0]
     snap_agg = aggregate_by_step(snapshot_entries(snap_rows, run_id) if snap_rows else None, run_id)
     # a step's snapshots are used only if they account for all its scheduled tokens
@@ -477,7 +489,7 @@ def read_otel_traces(paths: str | Path | Iterable[str | Path], *, run_id: str, m
         finished_at = Counter(e.step for evs in journeys.values() for e in evs
                               if e.name == "FINISHED" and e.step is not None)
     meta = {"run_id": run_id, "model": model, "tp": tp, "hardware": hardware}
-    steps = _steps_frame(col.summ, snap_agg, rec_agg, rec.preempted if rec else {}, finished_at, meta, report)
+    steps = _steps_frame(col.summ, snap_agg, rec_agg, recon.preempted if recon else {}, finished_at, meta, report)
     if rec_agg is not None and len(rec_agg):
         report["reconstruction_check"] = _compare(rec_agg, snap_agg, col.summ)
     report["max_num_batched_tokens"] = budget

@@ -6,11 +6,12 @@ snapshots are missing), the request table rows, and per-step aggregates of entri
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 
 from rooflab.data.tables import aggregate_entries, validate_requests
 
@@ -55,17 +56,17 @@ class Reconstruction:
     inconsistent: dict[str, int]  # reason -> segments whose token counts did not add up
 
 
-def journey_sort_key(e: JourneyEvent):
+def journey_sort_key(e: JourneyEvent) -> tuple[int, int, int]:
     return (e.ts_ns, -1 if e.step is None else e.step, _RANK.get(e.name, 9))
 
 
-def entry_phase(prompt, computed, output):
+def entry_phase(prompt: ArrayLike, computed: ArrayLike, output: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Vectorised phase rule (see the module docstring): returns (is_decode, effective prompt)."""
-    prompt = np.asarray(prompt, dtype=np.float64)
-    computed = np.asarray(computed, dtype=np.float64)
-    output = np.asarray(output, dtype=np.float64)
-    is_decode = (output > 0) & (computed >= prompt + output - 1)
-    return is_decode, prompt + output
+    p = np.asarray(prompt, dtype=np.float64)
+    c = np.asarray(computed, dtype=np.float64)
+    o = np.asarray(output, dtype=np.float64)
+    is_decode = (o > 0) & (c >= p + o - 1)
+    return is_decode, p + o
 
 
 def reconstruct_steps(journeys: Mapping[str, Sequence[JourneyEvent]],
@@ -84,9 +85,9 @@ def reconstruct_steps(journeys: Mapping[str, Sequence[JourneyEvent]],
     last step takes its remainder. Without a budget the tokens are split evenly. Prefix-cache hits are
     not visible in journeys and are assumed absent.
     """
-    skipped: Counter = Counter()
-    bad: Counter = Counter()
-    preempted: Counter = Counter()
+    skipped: Counter[str] = Counter()
+    bad: Counter[str] = Counter()
+    preempted: Counter[int] = Counter()
     dec: list[tuple[str, int, int, int, int]] = []  # rid, start, end, out0, prompt
     pf: list[list] = []  # [rid, start, end, need|None, prompt_eff, join_key, done]
 
@@ -106,9 +107,10 @@ def reconstruct_steps(journeys: Mapping[str, Sequence[JourneyEvent]],
         d_r = 0
         out0 = 0
         ok = True
-        local_dec, local_pf = [], []
+        local_dec: list[tuple[str, int, int, int, int]] = []
+        local_pf: list[list] = []
 
-        def close_resume(end_step: int, d_end: int):
+        def close_resume(end_step: int, d_end: int) -> None:
             length = end_step - start + 1
             if length < 1:
                 return
@@ -125,25 +127,29 @@ def reconstruct_steps(journeys: Mapping[str, Sequence[JourneyEvent]],
                 local_dec.append((rid, start + l_rc, end_step, d_r + 1, prompt))
 
         for e in evs:
+            if e.name == "QUEUED":
+                continue
+            step = e.step
+            assert step is not None  # checked above: every event but QUEUED has a scheduler step
             if e.name == "PREEMPTED":
-                preempted[e.step] += 1
+                preempted[step] += 1
             if e.name == "SCHEDULED":
                 if state is not None:
                     ok = False
                     break
-                start, join = e.step, (e.step, e.ts_ns)
+                start, join = step, (step, e.ts_ns)
                 if e.decode_done > 0:
                     state, d_r = "resume", e.decode_done
                 else:
                     state, done0 = "prefill", e.prefill_done
             elif e.name == "FIRST_TOKEN":
-                if state != "prefill" or e.step < start:
+                if state != "prefill" or step < start:
                     ok = False
                     break
-                local_pf.append([rid, start, e.step, prompt, prompt, join, 0])
-                state, start, out0 = "decode", e.step + 1, max(1, e.decode_done)
+                local_pf.append([rid, start, step, prompt, prompt, join, 0])
+                state, start, out0 = "decode", step + 1, max(1, e.decode_done)
             elif e.name in ("PREEMPTED", "FINISHED"):
-                end = e.step - 1 if e.name == "PREEMPTED" else e.step
+                end = step - 1 if e.name == "PREEMPTED" else step
                 if state == "prefill":
                     if end >= start:
                         # recompute restarts at 0: the tokens done in this segment are the high-water mark
@@ -203,7 +209,8 @@ def reconstruct_steps(journeys: Mapping[str, Sequence[JourneyEvent]],
     rows = []
     for st in sorted(by_step):
         budget = None if max_num_batched_tokens is None else int(max_num_batched_tokens) - decodes_at(st)
-        fixed, greedy = [], []
+        fixed: list[int] = []
+        greedy: list[int] = []
         for i in sorted(by_step[st], key=lambda j: (pf[j][5], pf[j][0])):
             need, s1, done = pf[i][3], pf[i][2], pf[i][6]
             # a single-step prefill or the last chunk of one has known tokens; a non-last chunk stopped at
@@ -257,8 +264,9 @@ def reconstruct_steps(journeys: Mapping[str, Sequence[JourneyEvent]],
 
 
 def request_rows(journeys: Mapping[str, Sequence[JourneyEvent]], api: Mapping[str, Mapping[str, int]],
-                  require_api: bool, run_id: str) -> tuple[list[dict], Counter]:
-    rows, excluded = [], Counter()
+                  require_api: bool, run_id: str) -> tuple[list[dict], Counter[str]]:
+    rows: list[dict] = []
+    excluded: Counter[str] = Counter()
     for rid in list(journeys) + [r for r in api if r not in journeys]:
         evs = sorted(journeys.get(rid, ()), key=journey_sort_key)
         a = api.get(rid, {})
@@ -289,11 +297,11 @@ def request_rows(journeys: Mapping[str, Sequence[JourneyEvent]], api: Mapping[st
             if missing:
                 excluded[f"missing {missing[0]}"] += 1
                 continue
-            chain = [ts[k] for k in ("arrived_us", "queued_us", "scheduled_us", "first_token_us", "finished_us",
-                                     "departed_us") if ts[k] is not None]
-            steps = [first[n].step for n in ("SCHEDULED", "FIRST_TOKEN", "FINISHED")]
-            if any(b < x for x, b in zip(chain, chain[1:])) or any(
-                    s is None for s in steps) or not steps[0] <= steps[1] <= steps[2]:
+            chain = [v for v in (ts[k] for k in ("arrived_us", "queued_us", "scheduled_us", "first_token_us",
+                                                 "finished_us", "departed_us")) if v is not None]
+            s_sched, s_first, s_fin = (first[n].step for n in ("SCHEDULED", "FIRST_TOKEN", "FINISHED"))
+            if (any(b < x for x, b in zip(chain, chain[1:])) or s_sched is None or s_first is None
+                    or s_fin is None or not s_sched <= s_first <= s_fin):
                 excluded["events out of lifecycle order"] += 1
                 continue
         elif not evs and not a:
@@ -304,7 +312,7 @@ def request_rows(journeys: Mapping[str, Sequence[JourneyEvent]], api: Mapping[st
         n_pre = sum(1 for e in evs if e.name == "PREEMPTED")
         if evs:
             n_pre = max(n_pre, max(e.num_preemptions for e in evs))
-        row = {"run_id": run_id, "request_id": rid}
+        row: dict[str, object] = {"run_id": run_id, "request_id": rid}
         for k, v in ts.items():
             row[k] = np.nan if v is None else v / 1e3
         row.update(prompt_tokens=np.nan if prompt is None else float(prompt),
@@ -329,7 +337,7 @@ def snapshot_entries(rows: Sequence[tuple], run_id: str) -> pd.DataFrame:
                          "context_before": arr[:, 1], "prompt_tokens": p_eff})
 
 
-def aggregate_by_step(entries: pd.DataFrame, run_id: str) -> pd.DataFrame:
+def aggregate_by_step(entries: pd.DataFrame | None, run_id: str) -> pd.DataFrame:
     if entries is None or len(entries) == 0:
         return pd.DataFrame(columns=list(AGGREGATE_COLUMNS), index=pd.Index([], dtype=np.int64, name="step_id"))
     e = entries if "run_id" in entries.columns else entries.assign(run_id=run_id)

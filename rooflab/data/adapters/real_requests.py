@@ -37,6 +37,7 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal, overload
 
 import numpy as np
 import pandas as pd
@@ -56,6 +57,7 @@ README_VLLM = {"enable_prefix_caching": True, "enable_chunked_prefill": True, "b
 _REQUEST_KEYS = ("index", "arrival_time_us", "input_tokens", "output_tokens", "has_error")
 _SLOT_AGREEMENT = 0.9  # share of same-slot prompt lengths that must agree to trust the prompt cycle
 
+_YAML_LOADER: type[yaml.SafeLoader | yaml.CSafeLoader]
 try:
     _YAML_LOADER = yaml.CSafeLoader
 except AttributeError:  # pragma: no cover - PyYAML without libyaml
@@ -122,7 +124,7 @@ class RealRun:
 # file readers: every failure is one InputError line naming the file (and the field)
 
 
-def _json_gz(path: Path):
+def _json_gz(path: Path) -> Any:
     if not path.is_file():
         raise InputError(path, None, "file not found")
     try:
@@ -138,6 +140,10 @@ def _json_gz(path: Path):
         raise InputError(path, None, "not UTF-8 JSON") from None
 
 
+@overload
+def _yaml_mapping(path: Path, *, required: Literal[True]) -> dict: ...
+@overload
+def _yaml_mapping(path: Path, *, required: Literal[False]) -> dict | None: ...
 def _yaml_mapping(path: Path, *, required: bool) -> dict | None:
     if not path.is_file():
         if required:
@@ -151,13 +157,13 @@ def _yaml_mapping(path: Path, *, required: bool) -> dict | None:
     return doc
 
 
-def _int_field(value, path: Path, name: str, *, minimum: int = 0) -> int:
+def _int_field(value: Any, path: Path, name: str, *, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < minimum:
         raise InputError(path, name, f"expected an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
-def _columns(rows, path: Path, keys, prefix: str) -> dict:
+def _columns(rows: Any, path: Path, keys: tuple[str, ...], prefix: str) -> dict[str, list]:
     """Column lists from a list of dicts; a missing key → InputError naming the first row that lacks it."""
     if not isinstance(rows, list):
         raise InputError(path, prefix or None, "expected a list of records")
@@ -215,7 +221,7 @@ def _resolve(run: str | Path, root: Path) -> tuple[str, Path]:
     return str(run), root
 
 
-def _workload(run_id: str, profile, path: Path) -> str:
+def _workload(run_id: str, profile: Any, path: Path) -> str:
     tail = run_id.rsplit("-", 1)[-1].lower()
     if tail in WORKLOADS:
         return tail
@@ -229,7 +235,7 @@ def _tp_from_name(run_id: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _read_requests(doc, path: Path) -> tuple[dict, dict]:
+def _read_requests(doc: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(doc, dict):
         raise InputError(path, None, "expected a JSON object with 'config' and 'requests'")
     for key in ("config", "requests"):
@@ -241,7 +247,7 @@ def _read_requests(doc, path: Path) -> tuple[dict, dict]:
     cols = _columns(rows, path, _REQUEST_KEYS, "requests")
     if not rows:
         raise InputError(path, "requests", "no requests")
-    out = {
+    out: dict[str, Any] = {
         "index": _numbers(cols["index"], path, "requests[].index"),
         "arrival": _numbers(cols["arrival_time_us"], path, "requests[].arrival_time_us"),
         "input": _numbers(cols["input_tokens"], path, "requests[].input_tokens"),
@@ -264,7 +270,7 @@ def _read_requests(doc, path: Path) -> tuple[dict, dict]:
     return doc, out
 
 
-def _read_truth(rows, path: Path, req: dict) -> tuple[np.ndarray, np.ndarray]:
+def _read_truth(rows: Any, path: Path, req: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     cols = _columns(rows, path, ("index", "has_error", "e2e_s"), "")
     n = len(req["index"])
     if len(rows) != n:
@@ -419,12 +425,13 @@ def read_real_run(run: str | Path, root: str | Path = DEFAULT_ROOT, *, hardware:
     if not requests["arrival_us"].is_monotonic_increasing:
         requests = requests.sort_values("arrival_us", kind="stable").reset_index(drop=True)
 
+    model_config = doc.get("model_config")
     return RealRun(
         run_id=run_id, model=model, model_id=model_id.strip(), tp=tp, hardware=hardware,
         workload=_workload(run_id, doc.get("profile"), req_path),
         split=doc.get("split") if isinstance(doc.get("split"), str) else None,
         vllm=vllm, requests=requests,
-        model_config=doc.get("model_config") if isinstance(doc.get("model_config"), dict) else {},
+        model_config=model_config if isinstance(model_config, dict) else {},
         shared_prefix=dict(shared_prefix) if shared_prefix else None, load_stages=load_stages, reported=reported,
         vllm_from_readme=from_readme,
         sources={"requests": str(req_path), "ground_truth": str(gt_path), "exp_config": str(exp_path),
@@ -434,7 +441,7 @@ def read_real_run(run: str | Path, root: str | Path = DEFAULT_ROOT, *, hardware:
     )
 
 
-def _read_json(path: Path):
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -443,12 +450,8 @@ def _read_json(path: Path):
         raise InputError(path, None, "not UTF-8 JSON") from None
 
 
-def _count(doc, key: str) -> int | None:
+def _count(doc: Any, key: str) -> int | None:
     block = doc.get(key) if isinstance(doc, dict) else None
     value = block.get("count") if isinstance(block, dict) else None
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
-
-def read_real_runs(root: str | Path = DEFAULT_ROOT, runs=None) -> list[RealRun]:
-    """All (or the named) real runs, in name order."""
-    return [read_real_run(r, root) for r in (runs if runs is not None else list_real_runs(root))]

@@ -12,6 +12,7 @@ step, batch aggregates only) -> step table. The format of ``../shared/data/real/
 
 from __future__ import annotations
 
+from collections.abc import Container
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ REQUIRED = ("step.id", "step.ts_start_ns", "batch.num_prefill_reqs", "batch.num_
             "batch.prefill_tokens", "kv.usage_gpu_ratio", "kv.blocks_total_gpu", "experiment_id", "model", "tp")
 
 
-def is_step_records(columns) -> bool:
+def is_step_records(columns: Container[str]) -> bool:
     return "step.id" in columns and "step.ts_start_ns" in columns
 
 

@@ -44,9 +44,10 @@ import json
 import math
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Literal, overload
 
 import numpy as np
 import pandas as pd
@@ -84,12 +85,16 @@ def base_request_id(external_id: str | None) -> str | None:
 
 # ============================================================================================ parsing
 class _Bad(Exception):
-    def __init__(self, fieldname, problem):
+    def __init__(self, fieldname: str, problem: str) -> None:
         super().__init__(problem)
         self.field, self.problem = fieldname, problem
 
 
-def _int(d: dict, key: str, *, required: bool = True, lo: int | None = 0):
+@overload
+def _int(d: dict, key: str, *, required: Literal[True] = ..., lo: int | None = ...) -> int: ...
+@overload
+def _int(d: dict, key: str, *, required: bool, lo: int | None = ...) -> int | None: ...
+def _int(d: dict, key: str, *, required: bool = True, lo: int | None = 0) -> int | None:
     v = d.get(key)
     if v is None:
         if required:
@@ -102,7 +107,7 @@ def _int(d: dict, key: str, *, required: bool = True, lo: int | None = 0):
     return v
 
 
-def _str(d: dict, key: str, *, required: bool = True):
+def _str(d: dict, key: str, *, required: bool = True) -> str | None:
     v = d.get(key)
     if v is None:
         if required:
@@ -187,7 +192,7 @@ def _check_engine(d: dict) -> dict:
 _CHECK = {"engine": _check_engine, "step": _check_step, "req": _check_req, "api": _check_api}
 
 
-def _read_lines(path: Path, report: Counter) -> list[dict]:
+def _read_lines(path: Path, report: Counter[str]) -> list[dict]:
     if not path.is_file():
         raise InputError(path, None, "file not found")
     data = path.read_bytes()
@@ -226,13 +231,13 @@ def read_steplog(paths: str | Path | Iterable[str | Path], *, run_id: str, model
                  ) -> SteplogTables:
     """Step, request and entry tables from one run's steplog file(s) (see the module docstring)."""
     paths, source = input_files(paths, "steplog")
-    report: Counter = Counter()
+    counts: Counter[str] = Counter()
     lines: list[dict] = []
     for p in paths:
-        lines.extend(_read_lines(p, report))
+        lines.extend(_read_lines(p, counts))
     engines = [d for d in lines if d["kind"] == "engine"]
     steps_raw = [d for d in lines if d["kind"] == "step"]
-    pids = sorted({d.get("pid") for d in steps_raw if d.get("pid") is not None})
+    pids = sorted({pid for d in steps_raw if (pid := d.get("pid")) is not None})
     if len(pids) > 1:
         raise InputError(source, "pid", f"steps from {len(pids)} engine processes ({', '.join(map(str, pids))}): one "
                          "run's log must come from one engine core (a restart mid-run, or data parallelism)")
@@ -246,7 +251,7 @@ def read_steplog(paths: str | Path | Iterable[str | Path], *, run_id: str, model
         k = d["step"]
         if k in seen:
             if seen[k]["t0_ns"] == d["t0_ns"]:
-                report["duplicate_steps_dropped"] += 1
+                counts["duplicate_steps_dropped"] += 1
                 continue
             raise InputError(source, f"step {k}", "step id seen twice with different start times (two engines or "
                              "a restart in one file)")
@@ -275,8 +280,11 @@ def read_steplog(paths: str | Path | Iterable[str | Path], *, run_id: str, model
             arr[c][idx] = agg[c].to_numpy(dtype=np.float64)
     for c in arr:  # a step with no entries scheduled nothing: zero work, not unknown
         arr[c] = np.where(np.isnan(arr[c]) & (c != "prefill_logits"), 0.0, arr[c])
-    get = lambda key, default=np.nan: np.array([seen[s].get(key, default) if seen[s].get(key) is not None  # noqa: E731
-                                                else default for s in sids], dtype=np.float64)
+
+    def get(key: str, default: float = np.nan) -> np.ndarray:
+        return np.array([seen[s].get(key, default) if seen[s].get(key) is not None else default for s in sids],
+                        dtype=np.float64)
+
     t0, t1 = get("t0_ns"), get("t1_ns")
     t_sched, t_upd = get("t_sched_ns"), get("t_upd_ns")
     tokens = get("tokens")
@@ -284,6 +292,7 @@ def read_steplog(paths: str | Path | Iterable[str | Path], *, run_id: str, model
     has_work = tokens > 0
     step_time = np.where(has_work & (measured > 0), measured, np.nan)
     counted = arr["prefill_tokens"] + arr["decode_reqs"]
+    report: dict[str, Any] = dict(counts)
     report["steps_token_mismatch"] = int((counted != tokens).sum())
     report["steps_empty"] = int((~has_work).sum())
 
@@ -317,7 +326,6 @@ def read_steplog(paths: str | Path | Iterable[str | Path], *, run_id: str, model
 
     # ---- requests
     requests, ext_of, rep = _requests(lines, run_id, source)
-    report = dict(report)
     report.update(rep)
     if len(entries):
         entries["request_id"] = [base_request_id(ext_of.get(r)) or r for r in entries["engine_request_id"]]
@@ -328,12 +336,12 @@ def read_steplog(paths: str | Path | Iterable[str | Path], *, run_id: str, model
     return SteplogTables(steps, requests, entries, engine, report)
 
 
-def _requests(lines: list[dict], run_id: str, source: str):
+def _requests(lines: list[dict], run_id: str, source: str) -> tuple[pd.DataFrame, dict[str, str], dict[str, Any]]:
     ev: dict[str, dict[str, dict]] = defaultdict(dict)  # engine id -> event -> first line
-    n_pre: Counter = Counter()
+    n_pre: Counter[str] = Counter()
     ext_of: dict[str, str] = {}
     api: dict[str, dict[str, dict]] = defaultdict(dict)
-    rep: dict = {"duplicate_request_events_dropped": 0, "duplicate_api_events_dropped": 0}
+    rep: dict[str, Any] = {"duplicate_request_events_dropped": 0, "duplicate_api_events_dropped": 0}
     for d in lines:
         if d["kind"] == "req":
             rid = d["id"]
@@ -354,7 +362,8 @@ def _requests(lines: list[dict], run_id: str, source: str):
             a[d["ev"]] = d
     has_api = bool(api)
     by_ext = {ext_of.get(r, r): r for r in ev}
-    rows, excluded = [], Counter()
+    rows: list[dict] = []
+    excluded: Counter[str] = Counter()
     for ext in list(by_ext) + [x for x in api if x not in by_ext]:
         rid = by_ext.get(ext)
         e = ev.get(rid, {}) if rid is not None else {}
@@ -381,16 +390,17 @@ def _requests(lines: list[dict], run_id: str, source: str):
             if missing:
                 excluded[f"missing {missing[0]}"] += 1
                 continue
-            chain = [ts[k] for k in ("queued_us", "scheduled_us", "first_token_us", "finished_us", "departed_us")
-                     if ts[k] is not None]
-            if any(b < x for x, b in zip(chain, chain[1:])) or (ts["arrived_us"] is not None and
-                                                                 ts["arrived_us"] > ts["queued_us"]):
+            chain = [v for v in (ts[k] for k in ("queued_us", "scheduled_us", "first_token_us", "finished_us",
+                                                 "departed_us")) if v is not None]
+            arrived_us, queued_us = ts["arrived_us"], ts["queued_us"]
+            if any(b < x for x, b in zip(chain, chain[1:])) or (arrived_us is not None and queued_us is not None
+                                                                 and arrived_us > queued_us):
                 excluded["events out of lifecycle order"] += 1
                 continue
         prompt = (fin or {}).get("prompt", q["prompt"] if q else None)
         out = fin["out"] if fin else None
         pre = max(n_pre.get(rid, 0), (fin or {}).get("preemptions") or 0) if rid is not None else 0
-        row = {"run_id": run_id, "request_id": base_request_id(ext) if ext is not None else rid}
+        row: dict[str, Any] = {"run_id": run_id, "request_id": base_request_id(ext) if ext is not None else rid}
         for k, v in ts.items():
             row[k] = np.nan if v is None else v / 1e3
         row.update(prompt_tokens=np.nan if prompt is None else float(prompt),
@@ -432,10 +442,10 @@ def match_client_requests(requests: pd.DataFrame, client: pd.DataFrame, toleranc
     <= client first chunk (each within ``tolerance_us``), equal output token counts. Returns the joined frame
     and a report (counts of matched / unmatched requests and of each violated rule)."""
     m = requests.merge(client, on="request_id", how="outer", indicator=True)
-    rep = {"server_requests": int(len(requests)), "client_requests": int(len(client)),
-           "matched": int((m["_merge"] == "both").sum()),
-           "client_only": int((m["_merge"] == "right_only").sum()),
-           "server_only": int((m["_merge"] == "left_only").sum())}
+    rep: dict[str, Any] = {"server_requests": int(len(requests)), "client_requests": int(len(client)),
+                           "matched": int((m["_merge"] == "both").sum()),
+                           "client_only": int((m["_merge"] == "right_only").sum()),
+                           "server_only": int((m["_merge"] == "left_only").sum())}
     b = m[m["_merge"] == "both"]
     tol = tolerance_us
     checks = {
