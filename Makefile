@@ -1,5 +1,6 @@
 # make run  : create the venv if needed, then run the main job
-# make test : create the venv if needed, then run the test suite
+# make test : create the venv if needed, then run the guard rails (ruff, mypy) and the test suite
+# make lint : create the venv if needed, then run only ruff and mypy
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python
   "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 SHARED ?= ../shared
 
-.PHONY: run real replay test venv bench bench-efficiency clean vllm-env vllm-test
+.PHONY: run real replay test lint venv bench bench-efficiency clean vllm-env vllm-test
 
 venv: $(VENV)/.installed
 
@@ -36,7 +37,13 @@ real: venv
 replay: venv
 	$(PY) benchmarks/replay_real.py --root $(SHARED)/data/real --out reports/replay-real
 
-test: venv
+# Guard rails: ruff (the rule set of pyproject.toml [tool.ruff]) over the whole tree, mypy over the core
+# ([tool.mypy]: every function annotated); the import contract is tests/test_architecture.py, part of pytest.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q
 
 bench: venv

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rooflab.data.traces import read_real_trace
+from rooflab.data.trace_readers import read_real_trace
 from rooflab.files import atomic_write_text, json_dumps
 from rooflab.model.coefficients import Coefficients, load_coefficients
 from rooflab.model.variants import DEFAULT_VARIANT

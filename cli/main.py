@@ -340,7 +340,7 @@ def _engine_overrides(max_num_seqs, max_num_batched_tokens, num_gpu_blocks, max_
 
 
 def _load_traces(requests: list[str], root, prefix, model, tp, hardware, engine: dict, window: str | None):
-    from rooflab.data.traces import read_trace
+    from rooflab.data.trace_readers import read_trace
 
     traces = []
     for spec in requests:

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from cli.main import main
+from rooflab.data.traces import Trace
 from rooflab.errors import InputError
 from rooflab.fit.calibration import Options, calibrate
 from rooflab.model import export
@@ -25,7 +26,6 @@ from rooflab.replay.predict import replay
 from rooflab.twin.engine import Engine
 from rooflab.twin.simulate import constant_rate_workload, simulate
 from rooflab.twin.truth import TruthModel
-from rooflab.data.traces import Trace
 
 H100 = load_hardware("H100-SXM")
 

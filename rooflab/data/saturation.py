@@ -187,8 +187,6 @@ def check_e2e_tail(requests: pd.DataFrame) -> dict:
     return _result(ratio > E2E_TAIL_LIMIT, ratio, E2E_TAIL_LIMIT, True, n=n, p50_us=p50, p99_us=p99)
 
 
-RUN_CHECKS = ("failure_rate", "queue_growth", "preemption_rate", "ttft_growth", "e2e_tail")
-
 
 @dataclass(frozen=True)
 class RunRouting:

@@ -181,8 +181,8 @@ class BetaFit:
     ci: float
     run_gram: np.ndarray  # (runs, p+1, p+1): Gram matrix of each run's relative rows [x/y, 1]
     run_rows: np.ndarray  # (runs,) fitted steps per run
-    loro: dict = field(default_factory=dict)  # run -> β fitted without that run
-    ties: dict = field(default_factory=dict)  # held term -> term that took the shared effect
+    loro: dict[str, np.ndarray] = field(default_factory=dict)  # run -> β fitted without that run
+    ties: dict[str, str] = field(default_factory=dict)  # held term -> term that took the shared effect
 
     @property
     def names(self) -> list[str]:

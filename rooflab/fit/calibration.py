@@ -62,7 +62,7 @@ class Calibration:
         a = self.alpha
         fitted = a.alpha is not None
         return Coefficients({n: float(v) for n, v in self.beta.coefficients().items()},
-                            tuple(float(x) for x in a.alpha) if fitted else (0.0, 0.0, 0.0),  # type: ignore[union-attr]
+                            tuple(float(x) for x in a.alpha) if a.alpha is not None else (0.0, 0.0, 0.0),
                             self.beta.variant.name, self.beta.formulas, "calibration", fitted,
                             [] if fitted else [f"α not fitted: replayed with α = 0 ({a.reason})"])
 

@@ -3,6 +3,7 @@ Held-out units are whole runs or whole models, never random steps (steps of one 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -58,8 +59,8 @@ def leave_one_model_out(steps: pd.DataFrame, options: Options, features: pd.Data
     return held_out_errors(steps, groups, options, features)
 
 
-def evaluate(steps: pd.DataFrame, options: Options, variants=("roofline7", "roofline7+layers"),
-             formulas=("vllm", "design")) -> pd.DataFrame:
+def evaluate(steps: pd.DataFrame, options: Options, variants: Sequence[str] = ("roofline7", "roofline7+layers"),
+             formulas: Sequence[str] = ("vllm", "design")) -> pd.DataFrame:
     """Leave-one-model-out, leave-one-run-out within each model with ≥ 2 runs, and pooled in-sample,
     for each model variant and feature formula set."""
     model = steps["model"].astype(str).to_numpy()

@@ -3,6 +3,7 @@ the suggested action."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -29,7 +30,7 @@ class Check:
         return d
 
 
-def _grade(value: float, pass_if, warn_if) -> str:
+def _grade(value: float, pass_if: Callable[[float], bool], warn_if: Callable[[float], bool]) -> str:
     if not np.isfinite(value):
         return FAIL
     return PASS if pass_if(value) else WARN if warn_if(value) else FAIL

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 
@@ -9,16 +11,16 @@ from rooflab.fit.calibration import Calibration
 from rooflab.fit.health import overall
 
 
-def _num(v: float, digits: int = 4) -> str:
+def _num(v: float | None, digits: int = 4) -> str:
     if v is None or not np.isfinite(v):
         return "inf" if v is not None and np.isinf(v) else "-"
     return f"{v:.{digits}g}"
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
+def _table(rows: Sequence[Sequence[object]], header: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
 
-    def line(r: list[str]) -> str:
+    def line(r: Sequence[object]) -> str:
         return "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()
 
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
@@ -36,8 +38,8 @@ def render(c: Calibration, top_buckets: int = 40) -> str:
     out.append(f"bootstrap: {len(b.draws)} draws over {b.n_units} {b.unit_kind}s"
                + (" (fewer than 5 runs: contiguous blocks within runs)" if b.unit_kind == "block" else ""))
     out.append("")
-    rows = [[tm.name, _num(v), f"[{_num(lo)}, {_num(hi)}]", tm.unit, tm.meaning]
-            for tm, v, lo, hi in zip(b.variant.terms, b.beta, b.lower, b.upper)]
+    rows: list[list[object]] = [[tm.name, _num(v), f"[{_num(lo)}, {_num(hi)}]", tm.unit, tm.meaning]
+                                for tm, v, lo, hi in zip(b.variant.terms, b.beta, b.lower, b.upper)]
     out.append(_table(rows, ["coef", "value", f"{int(b.ci * 100)}% interval", "unit", "term"]))
     for held, into in b.ties.items():
         out.append(f"note: {held} and {into} are proportional in this data; {held} is held at 0 and {into} "
@@ -86,7 +88,7 @@ def render(c: Calibration, top_buckets: int = 40) -> str:
     return "\n".join(out)
 
 
-def _pct(v) -> str:
+def _pct(v: float | None) -> str:
     return f"{v:.1%}" if v is not None and np.isfinite(v) else "-"
 
 

@@ -29,7 +29,9 @@ replays by the caller (``scripts/replay_real.py``, ``rooflab calibrate-e2e``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy.optimize import lsq_linear, minimize
@@ -38,9 +40,10 @@ from rooflab.data.traces import Trace
 from rooflab.errors import InputError
 from rooflab.model.coefficients import Coefficients
 from rooflab.model.features import DEFAULT_FORMULAS
+from rooflab.model.terms import Variant
 from rooflab.model.variants import DEFAULT_VARIANT, get_variant
 from rooflab.replay.metrics import compare
-from rooflab.replay.predict import replay
+from rooflab.replay.predict import ReplayResult, replay
 
 PHYSICAL = (0.3, 5.0)  # docs/spec.md §1: β1–β5 are efficiency corrections, physically ~0.3 … ~5
 # α upper bounds (µs, µs, µs/token): an API overhead under 1 s; a post-decode overhead under 20 ms; detokenising
@@ -70,8 +73,8 @@ class E2EOptions:
 class E2EResult:
     coefficients: Coefficients
     start: Coefficients
-    history: list = field(default_factory=list)  # [{stage, objective, beta, alpha, seconds}]
-    train: dict = field(default_factory=dict)  # run -> compare() on the calibration windows
+    history: list[dict[str, Any]] = field(default_factory=list)  # [{stage, objective, beta, alpha, seconds}]
+    train: dict[str, dict[str, Any]] = field(default_factory=dict)  # run -> compare() on the calibration windows
     seconds: float = 0.0
     options: E2EOptions = E2EOptions()
 
@@ -103,20 +106,20 @@ def _as_start(start: Coefficients | None, options: E2EOptions) -> Coefficients:
 # the stacked per-request design
 
 
-def stacked_design(trace: Trace, result, variant, formulas: str = "vllm") -> dict:
+def stacked_design(trace: Trace, result: ReplayResult, variant: str | Variant, formulas: str = "vllm") -> dict:
     """Per request (succeeded in the measurement and the replay, scored): the summed feature vectors of the
     steps spanning its TTFT and its E2E in ``result`` (a replay with ``record=True``), so that with these
     batch compositions ``TTFT = α0 + Xt·β`` and ``E2E = α0 + Xe·β + α1 + α2·n_out``."""
     from rooflab.model.features import Setting, compute_features
     from rooflab.model.step_timer import arch_and_hardware
 
-    variant = get_variant(variant)
+    v = get_variant(variant)
     st = result.steps
     if st is None:
         raise InputError(None, "record", "stacked_design needs a replay with record=True")
     s = Setting(*arch_and_hardware(trace.model, trace.hardware), trace.tp, formulas)
     feats = compute_features(s, {c: st[c].to_numpy(dtype=float) for c in st.columns})
-    X = variant.design_matrix(feats)
+    X = v.design_matrix(feats)
     starts = st["t_start_us"].to_numpy(dtype=float)
     durs = st["step_time_us"].to_numpy(dtype=float)
     ends = starts + durs
@@ -145,7 +148,7 @@ def stacked_design(trace: Trace, result, variant, formulas: str = "vllm") -> dic
     Xe = wait + cum[ke + 1] - cum[k0]
     return {"run": trace.run_id, "Xt": Xt, "Xe": Xe, "n_out": d["output_tokens"].to_numpy(dtype=float),
             "ttft": d["ttft_us"].to_numpy(dtype=float), "e2e": d["e2e_us"].to_numpy(dtype=float),
-            "names": variant.names}
+            "names": v.names}
 
 
 def fit_stacked(designs: list[dict], start: Coefficients, *, prior_strength: float = 1e-3, fit_beta: bool = True,
@@ -239,7 +242,8 @@ def _windows(traces: list[Trace], options: E2EOptions) -> list[Trace]:
     return out
 
 
-def evaluate(traces: list[Trace], coefs: Coefficients, *, record: bool = False):
+def evaluate(traces: list[Trace], coefs: Coefficients, *, record: bool = False
+             ) -> tuple[dict[str, dict[str, Any]], dict[str, ReplayResult]]:
     """Replay every trace; returns ({run: compare()}, {run: ReplayResult})."""
     results = {tr.run_id: replay(tr, coefs, record=record) for tr in traces}
     return {k: compare(r) for k, r in results.items()}, results
@@ -270,7 +274,7 @@ def _scaled(c: Coefficients, f_all: float, f_pf: float, f_alpha: float) -> Coeff
 
 
 def calibrate_e2e(traces: list[Trace], start: Coefficients | None = None, options: E2EOptions = E2EOptions(), *,
-                  log=None) -> E2EResult:
+                  log: Callable[[str], None] | None = None) -> E2EResult:
     """Calibrate β/α on the training ``traces`` by replay (see the module docstring)."""
     if not traces:
         raise InputError(None, "runs", "end-to-end calibration needs at least one training run")
@@ -278,7 +282,7 @@ def calibrate_e2e(traces: list[Trace], start: Coefficients | None = None, option
     say = log or (lambda msg: None)
     start_c = _as_start(start, options)
     win = _windows(traces, options)
-    seen: dict = {}
+    seen: dict[str, int] = {}
     for tr in win:  # results are keyed by run id: make them unique
         k = seen[tr.run_id] = seen.get(tr.run_id, 0) + 1
         if k > 1:
@@ -309,11 +313,11 @@ def calibrate_e2e(traces: list[Trace], start: Coefficients | None = None, option
         if improved < 1e-4:
             break
     if options.polish_evals > 0:
-        cache = {}
+        cache: dict[tuple, tuple[float, Coefficients]] = {}
 
         dims = 3 if options.fit_beta else 1
 
-        def f(x):
+        def f(x: np.ndarray) -> float:
             key = tuple(np.round(x, 6))
             if key not in cache:
                 fa, fp, fal = np.exp(x) if dims == 3 else (1.0, 1.0, float(np.exp(x[0])))

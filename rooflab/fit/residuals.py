@@ -3,10 +3,12 @@ length, TP, workload family, run), hotspots (> 15% MAPE), run-level influence, a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 
 from rooflab.data.tables import phase_mix
 from rooflab.fit.beta import BetaFit
@@ -35,12 +37,12 @@ def bucket_frame(steps: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def ape(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+def ape(y: ArrayLike, pred: ArrayLike) -> np.ndarray:
     return np.abs(np.asarray(pred, float) - np.asarray(y, float)) / np.asarray(y, float)
 
 
-def bucket_table(steps: pd.DataFrame, y: np.ndarray, pred: np.ndarray, split: str = "all",
-                 dimensions=DIMENSIONS) -> pd.DataFrame:
+def bucket_table(steps: pd.DataFrame, y: ArrayLike, pred: ArrayLike, split: str = "all",
+                 dimensions: Sequence[str] = DIMENSIONS) -> pd.DataFrame:
     """One row per (dimension, bucket): steps, MAPE, median APE, signed mean error, hotspot flag."""
     err = ape(y, pred)
     signed = (np.asarray(pred, float) - np.asarray(y, float)) / np.asarray(y, float)
@@ -48,7 +50,7 @@ def bucket_table(steps: pd.DataFrame, y: np.ndarray, pred: np.ndarray, split: st
     rows = []
     for dim in dimensions:
         frame = pd.DataFrame({"b": buckets[dim].to_numpy(), "e": err, "s": signed})
-        order = {b: i for i, b in enumerate(BATCH_BINS[1] + CONTEXT_BINS[1])}
+        order: dict[object, int] = {b: i for i, b in enumerate(BATCH_BINS[1] + CONTEXT_BINS[1])}
         for b, g in sorted(frame.groupby("b"), key=lambda kv: (order.get(kv[0], len(order)), str(kv[0]))):
             rows.append({"split": split, "dimension": dim, "bucket": str(b), "steps": len(g),
                          "mape": float(g.e.mean()), "median_ape": float(g.e.median()), "bias": float(g.s.mean())})

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from rooflab.errors import InputError
 from rooflab.paths import CONFIGS_DIR
@@ -76,7 +77,7 @@ class ModelArch:
         return self.weight_bytes == 1
 
 
-def _get(cfg: dict, key: str, source: str, *, required: bool = True, default=None, kind=int):
+def _get(cfg: dict, key: str, source: str, *, required: bool = True, default: Any = None, kind: type = int) -> Any:
     if key not in cfg or cfg[key] is None:
         if required:
             raise InputError(source, key, "required field is missing")

@@ -154,8 +154,12 @@ def _first_nonzero(cfg: Mapping, keys: Sequence[str], source: str) -> int:
 def _quant_weight_bytes(qc: Mapping) -> float:
     """Weight bytes/param from quantization_config as BLIS reads it; 0 when it finds none."""
     b = qc.get("bits")  # a JSON number (truncated) or a decimal string
-    numeric = isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
-    bits = int(b) if numeric or (isinstance(b, str) and re.fullmatch(r"[+-]?[0-9]+", b)) else 0
+    if isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b):
+        bits = int(b)
+    elif isinstance(b, str) and re.fullmatch(r"[+-]?[0-9]+", b):
+        bits = int(b)
+    else:
+        bits = 0
     if bits > 0:
         return bits / 8
     method = qc.get("quant_method")

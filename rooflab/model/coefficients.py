@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from rooflab.errors import InputError
 from rooflab.model.variants import get_variant, resolve_formulas
@@ -20,15 +21,16 @@ ALPHA_NAMES = ("alpha0", "alpha1", "alpha2")
 class Coefficients:
     """A coefficient set to replay: β by rooflab term name, α = (α0 µs, α1 µs, α2 µs/token)."""
 
-    beta: dict
-    alpha: tuple = (0.0, 0.0, 0.0)
+    beta: dict[str, float]
+    alpha: tuple[float, ...] = (0.0, 0.0, 0.0)
     variant: str = "roofline7"
     formulas: str = "vllm"
     source: str = ""
     alpha_fitted: bool = True
-    notes: list = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
-    def with_values(self, beta: dict | None = None, alpha=None, source: str | None = None) -> Coefficients:
+    def with_values(self, beta: dict[str, float] | None = None, alpha: Iterable[float] | None = None,
+                    source: str | None = None) -> Coefficients:
         return Coefficients({**self.beta, **(beta or {})}, tuple(alpha) if alpha is not None else self.alpha,
                             self.variant, self.formulas, source or self.source,
                             self.alpha_fitted or alpha is not None, list(self.notes))
@@ -42,11 +44,12 @@ class Coefficients:
                 "source": self.source, "notes": list(self.notes)}
 
 
-def _num(v) -> bool:
+def _num(v: Any) -> TypeGuard[float]:
+    """A finite int or float (not a bool)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def coefficients_from_doc(doc, source: str = "") -> Coefficients:
+def coefficients_from_doc(doc: Any, source: str = "") -> Coefficients:
     """From a ``rooflab fit --out`` result or a rooflab coefficients document (``export --format json``,
     :meth:`Coefficients.to_dict`)."""
     if not isinstance(doc, dict):
@@ -97,9 +100,9 @@ def load_coefficients(path: str | Path) -> Coefficients:
     path = Path(path)
     if not path.is_file():
         raise InputError(path, None, "no such file" if not path.exists() else "not a file")
-    text = path.read_bytes()
+    raw = path.read_bytes()
     try:
-        text = text.decode()
+        text = raw.decode()
     except UnicodeDecodeError:
         raise InputError(path, None, "not UTF-8 text (expected a coefficients JSON or BLIS YAML)") from None
     if path.suffix.lower() in (".yaml", ".yml"):

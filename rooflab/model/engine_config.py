@@ -33,7 +33,7 @@ class EngineConfig:
     num_gpu_blocks: int | None = None  # override the capacity computed from memory
     activation_reserve_gib: float = 1.75  # peak activation memory vLLM's profiling run reserves
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise InputError(None, name, "must be >= 1")

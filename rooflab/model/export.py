@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any, Protocol, TypeGuard
 
 from rooflab.errors import InputError
 from rooflab.files import atomic_write_text
@@ -83,6 +84,15 @@ _BLIS_ALPHA = (
 UNMAPPED_ROOFLAB = {"beta4": "routed-expert weight loading: no BLIS slot (BLIS's β3 weight term loads all experts)"}
 
 
+class _ToDict(Protocol):
+    def to_dict(self) -> dict: ...
+
+
+# A calibration: a rooflab.fit.calibration.Calibration (a layer above this one, so named by what is used
+# of it) or its dict form (``rooflab fit --out``)
+CalibrationLike = _ToDict | dict
+
+
 def blis_mapping() -> list[dict]:
     """The β mapping table: one row per BLIS ``beta_coeffs`` index, plus the α rows."""
     rows = [{"index": i, "blis": b, "blis_meaning": m, "unit": u, "rooflab": r, "note": n}
@@ -90,16 +100,12 @@ def blis_mapping() -> list[dict]:
     return rows
 
 
-def alpha_mapping() -> list[dict]:
-    return [{"index": i, "blis": b, "blis_meaning": m, "unit": u, "rooflab": r}
-            for i, (b, m, u, r) in enumerate(_BLIS_ALPHA)]
-
 
 # ---------------------------------------------------------------------------------------------------
 # the dict form
 
 
-def as_dict(calib) -> dict:
+def as_dict(calib: CalibrationLike | Any) -> dict:
     """A ``Calibration``-shaped dict from a Calibration object or such a dict (checked)."""
     if hasattr(calib, "to_dict") and not isinstance(calib, dict):
         calib = calib.to_dict()
@@ -134,16 +140,16 @@ def load_fit(path: str | Path) -> dict:
         raise InputError(path, exc.field, exc.problem) from None
 
 
-def _is_num(v) -> bool:
+def _is_num(v: Any) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _num(v):
+def _num(v: Any) -> float | None:
     """A JSON-safe float (None for missing / non-finite)."""
     if not _is_num(v):
         return None
-    v = float(v)
-    return v if math.isfinite(v) else None
+    f = float(v)
+    return f if math.isfinite(f) else None
 
 
 def _context(doc: dict) -> dict:
@@ -152,7 +158,7 @@ def _context(doc: dict) -> dict:
     models = sorted({str(b["bucket"]) for b in buckets if b.get("dimension") == "model"})
     tps = sorted({str(b["bucket"]) for b in buckets if b.get("dimension") == "tp"},
                  key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
-    ctx = {"models": models, "tp": [int(t) if t.isdigit() else t for t in tps], "hardware": None}
+    ctx: dict[str, Any] = {"models": models, "tp": [int(t) if t.isdigit() else t for t in tps], "hardware": None}
     scope = doc.get("scope") or {}
     if scope.get("models"):
         ctx.update(models=list(scope["models"]), tp=list(scope.get("tp") or ctx["tp"]))
@@ -168,7 +174,7 @@ def _formula(names: list[str], features: list[str]) -> str:
     return "step_time_us = " + " + ".join(f"{n}·{f}" if f != "one" else n for n, f in zip(names, features))
 
 
-def to_json(calib, *, context: dict | None = None) -> dict:
+def to_json(calib: CalibrationLike, *, context: dict | None = None) -> dict:
     """The canonical rooflab coefficients document: α/β with intervals, variant, formulas, model and
     hardware context, data counts and accuracy. JSON-safe (non-finite numbers are null)."""
     doc = as_dict(calib)
@@ -219,7 +225,7 @@ def to_json(calib, *, context: dict | None = None) -> dict:
     return json.loads(json.dumps(out, default=_plain))
 
 
-def _plain(o):
+def _plain(o: Any) -> Any:
     if hasattr(o, "item"):  # numpy scalars
         v = o.item()
         return None if isinstance(v, float) and not math.isfinite(v) else v
@@ -244,7 +250,7 @@ def is_blis_variant(doc: dict) -> bool:
     return (doc.get("beta") or {}).get("formulas") == "blis"
 
 
-def to_blis(calib, *, alpha_fallback: list[float] | None = None) -> dict:
+def to_blis(calib: CalibrationLike, *, alpha_fallback: list[float] | None = None) -> dict:
     """``{"trained_physics_coefficients": {"alpha_coeffs": [3], "beta_coeffs": [10|11]}}`` — the layout of
     BLIS's ``defaults.yaml``. A BLIS-variant fit exports exactly, in BLIS's order (10 or 11 β); any other
     variant is mapped approximately onto the 11 slots (the module docstring's table). Without fitted α the α
@@ -284,15 +290,15 @@ def _tp_scale(doc: dict) -> tuple[float, str]:
                    f"({hw.link_latency_us:g} µs per hop) has no BLIS slot and is left out")
 
 
-def _f(v) -> str:
+def _f(v: float) -> str:
     return repr(float(v))
 
 
-def _g(v) -> str:
+def _g(v: float | None) -> str:
     return "-" if v is None else f"{v:.4g}"
 
 
-def blis_yaml(calib, *, alpha_fallback: list[float] | None = None) -> str:
+def blis_yaml(calib: CalibrationLike, *, alpha_fallback: list[float] | None = None) -> str:
     """The BLIS coefficients as YAML text, with comments on the source of every value and, for a non-BLIS
     variant, a plain statement that the mapping is approximate."""
     doc = as_dict(calib)
@@ -319,10 +325,10 @@ def blis_yaml(calib, *, alpha_fallback: list[float] | None = None) -> str:
         "  # Alpha coefficients: API/framework overheads (µs)",
     ]
     a = doc.get("alpha") or {}
-    for (name, meaning, unit, r), v in zip(_BLIS_ALPHA, layout["alpha_coeffs"]):
+    for (name, meaning, unit, ar), v in zip(_BLIS_ALPHA, layout["alpha_coeffs"]):
         if a.get("fitted"):
-            c = a["coefficients"].get(r, {})
-            lines.append(f"  # {name}: {meaning} ({unit}) = rooflab {r} {_g(v)} "
+            c = a["coefficients"].get(ar, {})
+            lines.append(f"  # {name}: {meaning} ({unit}) = rooflab {ar} {_g(v)} "
                          f"[{_g(_num(c.get('lower')))}, {_g(_num(c.get('upper')))}]")
         else:
             lines.append(f"  # {name}: {meaning} ({unit}) = {_g(v)} — NOT FITTED "
@@ -353,11 +359,11 @@ def blis_yaml(calib, *, alpha_fallback: list[float] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_blis(calib, path: str | Path, *, alpha_fallback: list[float] | None = None) -> Path:
+def write_blis(calib: CalibrationLike, path: str | Path, *, alpha_fallback: list[float] | None = None) -> Path:
     """Write :func:`blis_yaml` atomically."""
     return atomic_write_text(path, blis_yaml(calib, alpha_fallback=alpha_fallback))
 
 
-def write_json(calib, path: str | Path, *, context: dict | None = None) -> Path:
+def write_json(calib: CalibrationLike, path: str | Path, *, context: dict | None = None) -> Path:
     """Write :func:`to_json` atomically."""
     return atomic_write_text(path, json.dumps(to_json(calib, context=context), indent=2, ensure_ascii=False) + "\n")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 
 from rooflab.errors import InputError
 from rooflab.model.arch import ModelArch, load_model
@@ -56,15 +57,16 @@ class Setting:
     formulas: str = "vllm"
     fp8_peak: bool = True  # vllm formulas: GEMMs with fp8 weights run at the fp8 peak
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.formulas not in ROOFLINE_FORMULAS:
             raise InputError(None, "formulas",
-                             f"unknown feature formulas {self.formulas!r} (known: {', '.join(ROOFLINE_FORMULAS)}; blis is computed by rooflab.model.blis)")
+                             f"unknown feature formulas {self.formulas!r} (known: {', '.join(ROOFLINE_FORMULAS)}; "
+                             "blis is computed by rooflab.model.blis)")
         if not isinstance(self.tp, (int, np.integer)) or self.tp < 1:
             raise InputError(None, "tp", f"tensor-parallel degree must be a positive integer, got {self.tp!r}")
 
 
-def _as_array(x, n=None) -> np.ndarray:
+def _as_array(x: ArrayLike, n: int | None = None) -> np.ndarray:
     a = np.asarray(x, dtype=np.float64)
     if a.ndim == 0 and n is not None:
         a = np.full(n, float(a))
@@ -131,7 +133,8 @@ def expected_experts(s: Setting, tokens: np.ndarray, requests: np.ndarray) -> np
 # FLOPs per phase, split into GEMMs whose weights may be fp8 and everything else (bf16 peak)
 
 
-def _phase_flops(s: Setting, T, A, C, logits, phase: str) -> tuple[np.ndarray, np.ndarray]:
+def _phase_flops(s: Setting, T: np.ndarray, A: np.ndarray, C: np.ndarray, logits: np.ndarray,
+                 phase: str) -> tuple[np.ndarray, np.ndarray]:
     a, tp, vllm = s.arch, s.tp, s.formulas == "vllm"
     d, L, H = a.hidden, a.n_layers, a.n_heads
     gemm = np.zeros_like(T)  # FLOPs of GEMMs against (possibly fp8) checkpoint weights

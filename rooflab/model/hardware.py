@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rooflab.errors import InputError
 from rooflab.files import read_yaml
@@ -37,7 +38,7 @@ def parse_hardware(doc: dict, *, source: str) -> Hardware:
     if unknown:
         raise InputError(source, sorted(unknown)[0],
                          f"unknown field (known: name, {', '.join(_FIELDS + tuple(_OPTIONAL))})")
-    values = {}
+    values: dict[str, Any] = {}
     for f in _FIELDS:
         if f not in doc:
             raise InputError(source, f, "required field is missing")

@@ -5,6 +5,7 @@ replays recorded step times."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -21,7 +22,7 @@ class FittedStepTimer:
     expected distinct experts; the linear maps are read off :func:`rooflab.model.features.compute_features` at
     unit aggregates, so the timer and the fit use one implementation of the formulas."""
 
-    def __init__(self, coefs: Coefficients, arch, hardware, tp: int):
+    def __init__(self, coefs: Coefficients, arch: ModelArch, hardware: Hardware, tp: int) -> None:
 
         self.setting = s = Setting(arch, hardware, int(tp), coefs.formulas)
         names = ("prefill_reqs", "prefill_tokens", "prefill_context", "prefill_attn_pairs", "prefill_logits",
@@ -31,7 +32,7 @@ class FittedStepTimer:
         f = compute_features(s, {n: basis[:, i] for i, n in enumerate(names)})
         unit = {n: i + 1 for i, n in enumerate(names)}  # row of the unit vector of aggregate n
 
-        def lin(feature, agg):
+        def lin(feature: str, agg: str) -> float:
             return float(f[feature][unit[agg]] - f[feature][0])
 
         self.pf_c = tuple(lin("F_pf_compute", a) for a in ("prefill_tokens", "prefill_attn_pairs",
@@ -65,7 +66,8 @@ class FittedStepTimer:
             return self.N if tokens > 0 else 0.0
         return self.N * -math.expm1(tokens * self.log1mk)
 
-    def time_from_aggregates(self, P, T, C, A, logits, D, Cd) -> float:
+    def time_from_aggregates(self, P: float, T: float, C: float, A: float, logits: float, D: float,
+                             Cd: float) -> float:
         b1, b2, _, b4, b5, b6, _ = self.b
         t = self.const + b6 * (P + D)
         if P:
@@ -80,7 +82,7 @@ class FittedStepTimer:
             t += b4 * self.expert_us * self.n_eff(tok, P + D)
         return t
 
-    def step_time_us(self, decode_contexts, prefills, n_logits: int) -> float:
+    def step_time_us(self, decode_contexts: np.ndarray, prefills: list[tuple[int, int, int]], n_logits: int) -> float:
         self.calls += 1
         D = len(decode_contexts)
         Cd = float(decode_contexts.sum()) if D else 0.0
@@ -109,7 +111,7 @@ class BlisStepTimer:
 
     AGG = ("prefill_tokens", "prefill_prompt_pairs", "decode_reqs", "decode_context")
 
-    def __init__(self, coefs: Coefficients, arch: ModelArch, hardware: Hardware, tp: int):
+    def __init__(self, coefs: Coefficients, arch: ModelArch, hardware: Hardware, tp: int) -> None:
         from rooflab.model.blis import BLIS_BASIS_OF, BLIS_BETA_ORDER, blis_basis, blis_shape_of, load_blis_hardware
 
         shape = blis_shape_of(arch)
@@ -119,8 +121,8 @@ class BlisStepTimer:
         if "beta_ep" not in coefs.beta:  # BLIS: fewer than 11 coefficients -> β_EP := β4
             betas[10] = betas[3]
         # rows: empty; one prefill token; + one prompt pair; one decode at context 0; + one context token
-        rows = {"prefill_reqs": [0, 1, 1, 0, 0], "prefill_tokens": [0, 1, 1, 0, 0], "prefill_prompt_pairs": [0, 0, 1, 0, 0],
-                "prefill_context": [0, 0, 0, 0, 0],
+        rows = {"prefill_reqs": [0, 1, 1, 0, 0], "prefill_tokens": [0, 1, 1, 0, 0],
+                "prefill_prompt_pairs": [0, 0, 1, 0, 0], "prefill_context": [0, 0, 0, 0, 0],
                 "decode_reqs": [0, 0, 0, 1, 1], "decode_context": [0, 0, 0, 0, 1]}
         basis = blis_basis(shape, hw, int(tp), {k: np.asarray(v, dtype=np.float64) for k, v in rows.items()})
         coef = dict(zip(BLIS_BETA_ORDER, betas))
@@ -169,11 +171,11 @@ def make_step_timer(coefs: Coefficients, arch: ModelArch, hardware: Hardware, tp
 class RecordedStepTimer:
     """Step times replayed in order (the parity test: the twin's own step times)."""
 
-    def __init__(self, durations):
+    def __init__(self, durations: Iterable[float]) -> None:
         self.durations = list(map(float, durations))
         self.i = 0
 
-    def step_time_us(self, decode_contexts, prefills, n_logits: int) -> float:
+    def step_time_us(self, decode_contexts: np.ndarray, prefills: list[tuple[int, int, int]], n_logits: int) -> float:
         t = self.durations[self.i]
         self.i += 1
         return t
@@ -182,10 +184,10 @@ class RecordedStepTimer:
         return 0.0
 
 
-_LOADED: dict = {}
+_LOADED: dict[tuple[str, str], tuple[ModelArch, Hardware]] = {}
 
 
-def arch_and_hardware(model: str, hardware: str):
+def arch_and_hardware(model: str, hardware: str) -> tuple[ModelArch, Hardware]:
     """The model architecture and GPU datasheet, read once per process (a calibration replays many times)."""
     key = (model, hardware)
     if key not in _LOADED:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from rooflab.data.store import Store
-from rooflab.data.traces import read_store_trace
+from rooflab.data.trace_readers import read_store_trace
 from rooflab.errors import InputError
 from rooflab.model.coefficients import (
     Coefficients,

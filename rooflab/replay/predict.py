@@ -23,7 +23,7 @@ from rooflab.model.coefficients import Coefficients
 from rooflab.model.engine_config import EngineConfig
 from rooflab.model.step_timer import arch_and_hardware, make_step_timer
 from rooflab.twin.engine import Engine, Request, StepTimer
-from rooflab.twin.simulate import BlisOverheads, ConstantOverheads, RequestOverheads, run_requests
+from rooflab.twin.simulate import BlisOverheads, ClientPlan, ConstantOverheads, RequestOverheads, run_requests
 
 
 @dataclass
@@ -65,6 +65,26 @@ def overheads_for(coefs: Coefficients | None) -> RequestOverheads:
     return BlisOverheads(coefs.alpha) if coefs.formulas == "blis" else ConstantOverheads(coefs.alpha)
 
 
+def client_plan(trace: Trace) -> ClientPlan | None:
+    """The client behaviour a trace's columns describe: closed-loop rounds (``depends_on``, ``think_time_us``)
+    and sequential stages (``stage``, ``stage_offset_us``, released after the previous stage drains)."""
+    r = trace.requests
+    ids = r["request_id"].astype(str).to_numpy()
+    plan = ClientPlan(stage_gap_us=float(trace.stage_gap_s or 0.0) * 1e6)
+    if "depends_on" in r:
+        dep = r["depends_on"].to_numpy(dtype=object)
+        think = r["think_time_us"].to_numpy(dtype=float) if "think_time_us" in r else np.zeros(len(r))
+        for i, d in enumerate(dep):
+            if isinstance(d, str) and d:
+                plan.depends_on[ids[i]] = d
+                plan.think_us[ids[i]] = float(think[i])
+    if trace.stage_gap_s is not None and "stage" in r and "stage_offset_us" in r and r["stage"].nunique() > 1:
+        stage = r["stage"].to_numpy(dtype=int)
+        plan.stages = [list(ids[stage == k]) for k in range(int(stage.max()) + 1)]
+        plan.stage_offset_us = dict(zip(ids, r["stage_offset_us"].to_numpy(dtype=float)))
+    return plan if (plan.depends_on or plan.stages) else None
+
+
 def replay(trace: Trace, coefs: Coefficients | None = None, *, timer: StepTimer | None = None,
            overheads: RequestOverheads | None = None, record: bool = False,
            timeout: bool = True, max_steps: int | None = None) -> ReplayResult:
@@ -80,7 +100,9 @@ def replay(trace: Trace, coefs: Coefficients | None = None, *, timer: StepTimer 
     reqs = make_requests(trace)
     t0 = time.perf_counter()
     timeout_us = trace.timeout_s * 1e6 if (timeout and trace.timeout_s) else None
-    loop = run_requests(engine, reqs, overheads=overheads, timeout_us=timeout_us, record=record, max_steps=max_steps)
+    client = client_plan(trace)
+    loop = run_requests(engine, reqs, overheads=overheads, timeout_us=timeout_us, record=record, max_steps=max_steps,
+                        max_concurrency=trace.max_concurrency, client=client)
     wall = time.perf_counter() - t0
     arr = np.array([r.arrival_us for r in reqs])
     first = np.array([r.first_token_us for r in reqs])
@@ -91,6 +113,8 @@ def replay(trace: Trace, coefs: Coefficients | None = None, *, timer: StepTimer 
     ttft = np.where(ok, first - arr + np.array([overheads.first_token_us(r) for r in reqs]), np.nan)
     e2e = np.where(ok, dep - arr, np.nan)
     out = trace.requests.copy()
+    if trace.max_concurrency or client:  # the client sent requests later than first listed: their send times
+        out["pred_send_us"] = arr
     out["pred_ttft_us"] = ttft
     out["pred_e2e_us"] = e2e
     out["pred_itl_us"] = request_itl(ttft, e2e, nout)
@@ -102,6 +126,7 @@ def replay(trace: Trace, coefs: Coefficients | None = None, *, timer: StepTimer 
     out["finished_us"] = [r.finished_us for r in reqs]
     out["preemptions_pred"] = [r.preemptions for r in reqs]
     stats = {"max_waiting": loop.max_waiting, "aborted": loop.aborted, "rejected": loop.rejected,
+             "cancelled": loop.cancelled,
              "blocks": engine.num_blocks, "timeout_s": trace.timeout_s if timeout_us else None,
              "preemptions": int(sum(r.preemptions for r in reqs))}
     steps_df = pd.DataFrame(loop.step_arrays()) if record else None

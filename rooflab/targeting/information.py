@@ -44,7 +44,7 @@ def data_information(fit: BetaFit | None, sigma: float) -> np.ndarray | float:
     """Information of the fitted training steps (measured step times), from the fit's per-run Gram
     matrices of the relative rows ``x/y``; each run capped at :data:`STEPS_PER_RUN` steps (module doc).
     Without fitted steps: 0.0, which adds to a prior precision like a zero matrix."""
-    if fit is None or fit.run_gram is None or fit.run_rows is None or not len(fit.run_rows):
+    if fit is None or not len(fit.run_rows):
         return 0.0
     n = np.maximum(fit.run_rows, 1.0)
     w = np.minimum(fit.run_rows, STEPS_PER_RUN) / n

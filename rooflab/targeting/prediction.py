@@ -58,7 +58,8 @@ def _close(sim: tuple, beta: np.ndarray) -> bool:
     return bool(ok.any() and np.max(np.abs(t_new[ok] / t_old[ok] - 1)) < REUSE_TOLERANCE)
 
 
-def simulate_point(point: SweepPoint, beta: dict, variant: str, formulas: str | None, max_requests: int = MAX_SIM_REQUESTS,
+def simulate_point(point: SweepPoint, beta: dict, variant: str, formulas: str | None,
+                   max_requests: int = MAX_SIM_REQUESTS,
                    max_steps: int = MAX_SIM_STEPS) -> tuple[pd.DataFrame, pd.DataFrame, float]:
     """``point`` run by the twin's scheduler with the fitted step model: (step table, request table,
     predicted GPU-seconds of the whole run). Only the first ``max_requests`` requests are simulated (a

@@ -66,7 +66,7 @@ SEARCH_SPACE = (
 @dataclass
 class Batch:
     decode_contexts: np.ndarray
-    prefills: list
+    prefills: list[tuple[int, int, int]]  # (tokens, context before, prompt) per prefill
     n_logits: int
 
 

@@ -64,7 +64,7 @@ class Request:
     output_tokens: int = 0
     preemptions: int = 0
     status: str = ""  # "length" | "stop" | "abort" once finished
-    token_times_us: list = field(default_factory=list)
+    token_times_us: list[float] = field(default_factory=list)
 
 
 class _PrefixCache:
@@ -134,12 +134,13 @@ class _PrefixCache:
 class StepOutcome:
     step_id: int
     duration_us: float
-    tokens: list  # [(request, finished: bool)] for every request that produced a token this step
-    finished: list  # requests that finished this step
-    preempted: list
+    tokens: list[tuple[Request, bool]]  # (request, finished) for every request that produced a token this step
+    finished: list[Request]  # requests that finished this step
+    preempted: list[Request]
     record: R.StepRecord | None = None
-    aggregates: tuple | None = None  # rooflab.twin.simulate.AGGREGATES: (prefill_reqs, prefill_tokens, prefill_context, attn_pairs, logits_pf,
-    #                                   decode_reqs, decode_context, kv_usage, preemptions, running, waiting)
+    # rooflab.twin.simulate.AGGREGATES: (prefill_reqs, prefill_tokens, prefill_context, attn_pairs, logits_pf,
+    # decode_reqs, decode_context, kv_usage, preemptions, running, waiting, prefill_prompt_pairs)
+    aggregates: tuple[float, ...] | None = None
 
 
 class Engine:
@@ -592,7 +593,8 @@ class Engine:
         logits_pf = float((completes & is_pf).sum())
         running_depth = n
         aggregates = (float(len(pf_idx)), pf_tok, pf_ctx, pairs, logits_pf, float(is_dec.sum()), float(dec_ctx.sum()),
-                      self.kv_usage, float(len(preempted)), float(running_depth), float(len(self.waiting)), prompt_pairs)
+                      self.kv_usage, float(len(preempted)), float(running_depth), float(len(self.waiting)),
+                      prompt_pairs)
 
         record = None
         if self.record_steps:

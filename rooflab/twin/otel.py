@@ -176,8 +176,6 @@ class TraceWriter:
         # ended spans waiting for export, by scope
         self._pending: dict[str, list] = {SCOPE_API: [], SCOPE_CORE: [], SCOPE_STEP: []}
         self._n_pending = 0
-        self.lines_written = 0
-        self.spans_written = 0
 
     # -- context manager --------------------------------------------------------------------------
     def __enter__(self) -> TraceWriter:
@@ -401,8 +399,6 @@ class TraceWriter:
         parts.append("]}\n")
         self._fh.write("".join(parts).encode("utf-8"))
         self._fh.flush()
-        self.lines_written += 1
-        self.spans_written += self._n_pending
         self._pending = {SCOPE_API: [], SCOPE_CORE: [], SCOPE_STEP: []}
         self._n_pending = 0
 

@@ -61,8 +61,8 @@ class _Live:
     """A request in flight: what the HTTP handler waits on."""
 
     req: Request
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    events: list = field(default_factory=list)
+    queue: asyncio.Queue[tuple[str, object]] = field(default_factory=asyncio.Queue)  # ("token", 1) / ("done", status)
+    events: list[R.RequestEvent] = field(default_factory=list)
     done: bool = False
 
 
@@ -78,7 +78,7 @@ class TwinServer:
         self.rng = np.random.default_rng(seed)
         self.t0 = time.monotonic()
         self.vt = 0.0  # virtual time (µs) when the engine is next free
-        self.pending: list = []  # heap of (queued_us, seq, live) — arrived, API overhead not yet over
+        self.pending: list[tuple[float, int, _Live]] = []  # heap of (queued_us, seq, live): API overhead not over
         self.seq = itertools.count()
         self.live: dict[str, _Live] = {}
         self.wake = asyncio.Event()
@@ -117,9 +117,9 @@ class TwinServer:
         while True:
             start = max(self.vt, self.sim_now()) if not eng.has_work else self.vt
             while self.pending and self.pending[0][0] <= start:
-                q, _, live = heapq.heappop(self.pending)
-                if not live.done:
-                    eng.add_request(live.req, q)
+                q, _, arrived = heapq.heappop(self.pending)
+                if not arrived.done:
+                    eng.add_request(arrived.req, q)
             if not eng.has_work:
                 if self.trace is not None:
                     self.trace.flush()  # like an exporter's flush: idle engine, nothing more to batch

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -64,7 +65,7 @@ class NoOverheads:
 class ConstantOverheads:
     """α0 before the queue, α1 + α2·n_out after the last token: a fitted α."""
 
-    def __init__(self, alpha: tuple[float, float, float] | list[float]):
+    def __init__(self, alpha: Sequence[float]) -> None:
         self.a0, self.a1, self.a2 = map(float, alpha)
 
     def api_us(self, req: Request) -> float:
@@ -82,7 +83,7 @@ class BlisOverheads:
     once to TTFT and once to every inter-token interval, α1 once at the end — so E2E = last token + α2·n_out
     + α1, as :class:`ConstantOverheads`, and TTFT gains α2 — none of which delays the simulated GPU."""
 
-    def __init__(self, alpha: tuple[float, float, float] | list[float]):
+    def __init__(self, alpha: Sequence[float]) -> None:
         self.a0, self.a1, self.a2 = (float(math.trunc(a)) for a in alpha)
 
     def api_us(self, req: Request) -> float:
@@ -112,6 +113,24 @@ class RecordedOverheads:
 
 
 @dataclass
+class ClientPlan:
+    """How the client releases requests beyond their open-loop arrival times:
+
+    * closed-loop rounds (``depends_on``): a request is sent ``think_us`` after the request it depends on has
+      produced its last token (BLIS's completion time); a round whose predecessor failed is cancelled, like
+      the rest of its session;
+    * sequential stages (``stages``, inference-perf's multi-stage runs): stage k+1 starts ``stage_gap_us`` after
+      the last response of stage k; its requests arrive at that start + their ``stage_offset_us``.
+    """
+
+    depends_on: dict[str, str] = field(default_factory=dict)
+    think_us: dict[str, float] = field(default_factory=dict)
+    stages: list[list[str]] = field(default_factory=list)  # request ids per stage, in order
+    stage_offset_us: dict[str, float] = field(default_factory=dict)
+    stage_gap_us: float = 0.0
+
+
+@dataclass
 class LoopResult:
     n_steps: int
     end_us: float
@@ -122,6 +141,7 @@ class LoopResult:
     max_waiting: int = 0
     aborted: int = 0
     rejected: int = 0
+    cancelled: int = 0  # closed-loop rounds never sent because an earlier round of their session failed
 
     def step_arrays(self) -> dict[str, np.ndarray]:
         a = np.array(self.aggregates, dtype=np.float64).reshape(-1, len(AGGREGATES))
@@ -132,24 +152,99 @@ class LoopResult:
 
 def run_requests(engine: Engine, requests: list[Request], *, overheads: RequestOverheads | None = None,
                  trace: TraceSink | None = None, timeout_us: float | None = None, record: bool = True,
-                 max_steps: int | None = None) -> LoopResult:
+                 max_steps: int | None = None, max_concurrency: int | None = None,
+                 client: ClientPlan | None = None) -> LoopResult:
     """Run ``requests`` to completion (or ``max_steps``). ``record``: keep every step's start, duration and
-    aggregates (steps with a forward pass). ``trace`` turns on the engine's per-step records."""
+    aggregates (steps with a forward pass). ``trace`` turns on the engine's per-step records.
+    ``max_concurrency``: a closed-loop client that keeps at most this many requests in flight — a request is
+    sent at its arrival or, when all slots are busy, the moment a response completes (its ``arrival_us`` becomes
+    that send time, which the client's TTFT and E2E count from). ``client``: closed-loop rounds and sequential
+    stages (:class:`ClientPlan`)."""
+    if max_concurrency and client:
+        raise InputError(None, "max_concurrency", "a concurrency-capped client cannot also have closed-loop rounds "
+                         "or sequential stages")
     ovh: RequestOverheads = overheads or NoOverheads()
     engine.record_steps = trace is not None
-    heap: list[tuple[float, int, Request]] = []
-    for seq, req in enumerate(requests):
-        heapq.heappush(heap, (req.arrival_us + ovh.api_us(req), seq, req))
+    heap: list[tuple[float, int, Request]] = []  # (queue-entry time, seq, request) of sent requests
+    deadlines: list[tuple[float, int, Request]] = []  # (arrival + client timeout, seq, request)
     pending: dict[str, list[R.RequestEvent]] = {}
-    if trace is not None:
-        for r in requests:
-            pending[r.request_id] = [R.RequestEvent(r.request_id, R.ARRIVED, int(r.arrival_us * 1000),
-                                                    num_prompt_tokens=r.prompt_tokens, max_tokens=r.max_tokens)]
-    by_deadline = sorted(requests, key=lambda r: r.arrival_us) if timeout_us is not None else []
-    di = 0
+    unsent = sorted(requests, key=lambda r: r.arrival_us) if max_concurrency else []
+    frees: list[float] = []  # when busy client slots free up (capped runs)
+    seq = 0
+
+    def send(req: Request) -> None:
+        nonlocal seq
+        heapq.heappush(heap, (req.arrival_us + ovh.api_us(req), seq, req))
+        if timeout_us is not None:
+            heapq.heappush(deadlines, (req.arrival_us + timeout_us, seq, req))
+        if trace is not None:
+            pending[req.request_id] = [R.RequestEvent(req.request_id, R.ARRIVED, int(req.arrival_us * 1000),
+                                                      num_prompt_tokens=req.prompt_tokens, max_tokens=req.max_tokens)]
+        seq += 1
+
     res = LoopResult(0, 0.0)
+    plan = client or ClientPlan()
+    by_id = {r.request_id: r for r in requests} if client else {}
+    children: dict[str, list[Request]] = {}
+    for rid, dep in plan.depends_on.items():
+        children.setdefault(dep, []).append(by_id[rid])
+    stage_of = {rid: k for k, ids in enumerate(plan.stages) for rid in ids}
+    left_in_stage = [len(ids) for ids in plan.stages]
+    stage_end = [0.0] * len(plan.stages)
+    held = set(plan.depends_on) | {rid for ids in plan.stages[1:] for rid in ids}
+
+    def release_stage(k: int, t0: float) -> None:
+        for rid in plan.stages[k]:
+            if rid not in plan.depends_on:
+                req = by_id[rid]
+                req.arrival_us = t0 + plan.stage_offset_us.get(rid, 0.0)
+                send(req)
+        if not plan.stages[k]:
+            finish_stage(k, t0)
+
+    def finish_stage(k: int, t: float) -> None:
+        if k + 1 < len(plan.stages):
+            release_stage(k + 1, t + plan.stage_gap_us)
+
+    def done(req: Request, t: float, ok: bool) -> None:
+        """``req``'s response completed (``ok``) or failed at ``t``: free its client slot, release or cancel the
+        rounds that wait on it, and close its stage when it was the last."""
+        if max_concurrency:
+            heapq.heappush(frees, t)
+        if not client:
+            return
+        for nxt in children.get(req.request_id, ()):
+            if ok:
+                nxt.arrival_us = req.finished_us + plan.think_us.get(nxt.request_id, 0.0)
+                send(nxt)
+            else:
+                nxt.status = "cancelled"
+                res.cancelled += 1
+                done(nxt, t, False)
+        k = stage_of.get(req.request_id)
+        if k is not None:
+            left_in_stage[k] -= 1
+            stage_end[k] = max(stage_end[k], t)
+            if left_in_stage[k] == 0:
+                finish_stage(k, stage_end[k])
+
+    if max_concurrency:
+        for req in unsent[:max_concurrency]:
+            send(req)
+        ui = min(max_concurrency, len(unsent))
+    else:
+        for req in requests:
+            if req.request_id not in held:
+                send(req)
+        ui = 0
     now = 0.0
     while True:
+        while frees and frees[0] <= now and ui < len(unsent):
+            t = heapq.heappop(frees)
+            req = unsent[ui]
+            ui += 1
+            req.arrival_us = max(req.arrival_us, t)
+            send(req)
         while heap and heap[0][0] <= now:
             queued_at, _, req = heapq.heappop(heap)
             try:
@@ -157,23 +252,25 @@ def run_requests(engine: Engine, requests: list[Request], *, overheads: RequestO
             except InputError:  # what vLLM answers with HTTP 400: the request fails, the run goes on
                 req.status = "rejected"
                 res.rejected += 1
-        if timeout_us is not None:
-            while di < len(by_deadline) and by_deadline[di].arrival_us + timeout_us <= now:
-                req = by_deadline[di]
-                di += 1
-                if not req.status and not math.isnan(req.queued_us) and engine.abort(req.request_id, now):
-                    res.aborted += 1
-                    req.departed_us = req.arrival_us + timeout_us
+                done(req, queued_at, False)
+        while deadlines and deadlines[0][0] <= now:
+            deadline, _, req = heapq.heappop(deadlines)
+            if not req.status and not math.isnan(req.queued_us) and engine.abort(req.request_id, now):
+                res.aborted += 1
+                req.departed_us = deadline
+                done(req, deadline, False)
         if not engine.has_work:
-            if not heap:
+            nxt = min(heap[0][0] if heap else math.inf, frees[0] if (frees and ui < len(unsent)) else math.inf)
+            if nxt == math.inf:
                 break
-            now = heap[0][0]
+            now = max(now, nxt)
             continue
         out = engine.step(now)
         if out is None:
-            if not heap:
+            nxt = min(heap[0][0] if heap else math.inf, frees[0] if (frees and ui < len(unsent)) else math.inf)
+            if nxt == math.inf:
                 break
-            now = heap[0][0]
+            now = max(now, nxt)
             continue
         if record and out.aggregates is not None and out.duration_us > 0:
             res.step_ids.append(out.step_id)
@@ -189,6 +286,7 @@ def run_requests(engine: Engine, requests: list[Request], *, overheads: RequestO
         for req in out.finished:
             if math.isnan(req.departed_us):  # a timed-out request departed when its client gave up
                 req.departed_us = req.finished_us + ovh.post_us(req)
+                done(req, req.departed_us, req.status != "abort")
         if trace is not None:
             for ev in engine.drain_events():
                 pending[ev.request_id].append(ev)

@@ -80,7 +80,6 @@ class TwinTokenizer:
         # whole-word tokens led by a space ("Ġword"): any sequence of them re-tokenizes one-to-one
         words = sorted(t for t in vocab if t.startswith("Ġ") and len(t) > 2 and t[1:].isalpha())
         self.words = [self.tok.decode([vocab[w]]) for w in words]
-        self.eos = "</s>"
 
     def count(self, text: str) -> int:
         return len(self.tok.encode(text).ids)

@@ -272,7 +272,6 @@ class TruthModel:
         logit_gather = tp > 1
 
         # --- attention ------------------------------------------------------------------------------
-        self._L = L
         self._block = at["kv_block"]
         if mla is None:
             kv_tok = 2 * kvh * a.head_dim * a.kv_bytes

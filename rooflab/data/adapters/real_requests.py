@@ -77,10 +77,10 @@ class RealRun:
     requests: pd.DataFrame
     model_config: dict = field(default_factory=dict)  # the request file's architecture summary
     shared_prefix: dict | None = None  # inference-perf's resolved shared_prefix block
-    load_stages: list | None = None  # [{"rate": req/s, "duration": s}, ...]
+    load_stages: list[dict] | None = None  # [{"rate": req/s, "duration": s}, ...]
     reported: dict | None = None  # inference-perf's own counts: requests, successes, failures
-    vllm_from_readme: tuple = ()  # keys of ``vllm`` taken from the data README, not the run's files
-    sources: dict = field(default_factory=dict)  # role -> file path
+    vllm_from_readme: tuple[str, ...] = ()  # keys of ``vllm`` taken from the data README, not the run's files
+    sources: dict[str, str] = field(default_factory=dict)  # role -> file path
 
     @property
     def n_requests(self) -> int:
