@@ -11,7 +11,9 @@ from rooflab.files import read_yaml
 from rooflab.paths import CONFIGS_DIR
 
 _FIELDS = ("peak_tflops_bf16", "peak_tflops_fp8", "hbm_tb_s", "nvlink_gb_s_per_direction", "memory_gb")
-_OPTIONAL = {"link_latency_us": 0.0}  # per-hop latency of the GPU interconnect (α of the α-β model); 0 = unknown
+# per-hop latency of the GPU interconnect (α of the α-β model; 0 = unknown); the memory CUDA reports as the
+# device total (torch.cuda.mem_get_info), in GiB (0 = unknown: 99% of memory_gb GiB, H100-80GB's ratio)
+_OPTIONAL = {"link_latency_us": 0.0, "usable_memory_gib": 0.0}
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,11 @@ class Hardware:
     memory_gb: float
     source: str = ""
     link_latency_us: float = 0.0  # per hop of a ring all-reduce; 0: unknown, β5 absorbs the latency
+    usable_memory_gib: float = 0.0  # what CUDA reports as the device's total memory; 0: unknown
 
+    def __post_init__(self) -> None:
+        if not self.usable_memory_gib:
+            object.__setattr__(self, "usable_memory_gib", 0.99 * self.memory_gb)
 
     def gemm_tflops(self, fp8: bool) -> float:
         """Peak for a GEMM whose weights are fp8 (fp8 peak where the GPU has one) or not."""
