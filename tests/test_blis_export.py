@@ -90,7 +90,8 @@ def test_fit_export_load_replay_round_trip(blis_fit, tmp_path):
     reqs = constant_rate_workload(6, 60, 900, 64, seed=3)
     import pandas as pd
     frame = pd.DataFrame({"request_id": [r.request_id for r in reqs], "arrival_us": [r.arrival_us for r in reqs],
-                          "prompt_tokens": [r.prompt_tokens for r in reqs], "output_tokens": [r.max_tokens for r in reqs],
+                          "prompt_tokens": [r.prompt_tokens for r in reqs],
+                          "output_tokens": [r.max_tokens for r in reqs],
                           "prefix_group": None, "prefix_tokens": 0.0, "failed": False, "ttft_us": np.nan,
                           "e2e_us": np.nan, "itl_us": np.nan})
     tr = Trace("rt", "llama-3.1-8b", 2, "H100-SXM", {"max_model_len": 4096}, frame)

@@ -39,9 +39,9 @@ from scipy.optimize import lsq_linear, minimize
 from rooflab.data.traces import Trace
 from rooflab.errors import InputError
 from rooflab.model.coefficients import Coefficients
-from rooflab.model.features import DEFAULT_FORMULAS
+from rooflab.model.features import DEFAULT_FORMULAS, featurize
 from rooflab.model.terms import Variant
-from rooflab.model.variants import DEFAULT_VARIANT, get_variant
+from rooflab.model.variants import DEFAULT_VARIANT, get_variant, resolve_formulas
 from rooflab.replay.metrics import compare
 from rooflab.replay.predict import ReplayResult, replay
 
@@ -106,26 +106,41 @@ def _as_start(start: Coefficients | None, options: E2EOptions) -> Coefficients:
 # the stacked per-request design
 
 
-def stacked_design(trace: Trace, result: ReplayResult, variant: str | Variant, formulas: str = "vllm") -> dict:
-    """Per request (succeeded in the measurement and the replay, scored): the summed feature vectors of the
-    steps spanning its TTFT and its E2E in ``result`` (a replay with ``record=True``), so that with these
-    batch compositions ``TTFT = α0 + Xt·β`` and ``E2E = α0 + Xe·β + α1 + α2·n_out``."""
-    from rooflab.model.features import Setting, compute_features
-    from rooflab.model.step_timer import arch_and_hardware
-
+def stacked_rows(trace: Trace, result: ReplayResult, variant: str | Variant,
+                 formulas: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per request the replay completed: the summed feature vectors of the steps spanning its TTFT (``Xt``) and
+    its E2E (``Xe``) in ``result`` (a replay with ``record=True``), so that with these batch compositions
+    ``TTFT = α0 + Xt·β`` and ``E2E = α0 + Xe·β + α1 + α2·n_out``; and the mask of those requests."""
     v = get_variant(variant)
     st = result.steps
     if st is None:
-        raise InputError(None, "record", "stacked_design needs a replay with record=True")
-    s = Setting(*arch_and_hardware(trace.model, trace.hardware), trace.tp, formulas)
-    feats = compute_features(s, {c: st[c].to_numpy(dtype=float) for c in st.columns})
-    X = v.design_matrix(feats)
+        raise InputError(None, "record", "stacked_rows needs a replay with record=True")
+    frame = st.assign(model=trace.model, tp=int(trace.tp), hardware=trace.hardware)
+    X = v.design_matrix(featurize(frame, resolve_formulas(v, formulas)))
     starts = st["t_start_us"].to_numpy(dtype=float)
     durs = st["step_time_us"].to_numpy(dtype=float)
     ends = starts + durs
     cum = np.vstack([np.zeros((1, X.shape[1])), np.cumsum(X, axis=0)])
     df = result.requests
-    keep = ~df["failed"].to_numpy(dtype=bool) & ~df["pred_failed"].to_numpy(dtype=bool)
+    kept = ~df["pred_failed"].to_numpy(dtype=bool)
+    d = df[kept]
+    q = d["queued_us"].to_numpy(dtype=float)
+    k0 = np.searchsorted(starts, q - 1e-6, side="left")
+    kf = np.searchsorted(ends, d["first_token_us"].to_numpy(dtype=float) - 1e-6, side="left")
+    ke = np.searchsorted(ends, d["finished_us"].to_numpy(dtype=float) - 1e-6, side="left")
+    prev = np.maximum(k0 - 1, 0)
+    frac = np.where(k0 > 0, np.clip((ends[prev] - q) / np.where(durs[prev] > 0, durs[prev], 1.0), 0.0, 1.0), 0.0)
+    wait = frac[:, None] * X[prev]
+    return wait + cum[kf + 1] - cum[k0], wait + cum[ke + 1] - cum[k0], kept
+
+
+def stacked_design(trace: Trace, result: ReplayResult, variant: str | Variant, formulas: str | None = None) -> dict:
+    """:func:`stacked_rows` of the requests that also succeeded in the measurement (and are scored), with their
+    measured TTFT and E2E."""
+    v = get_variant(variant)
+    Xt, Xe, kept = stacked_rows(trace, result, v, formulas)
+    df = result.requests
+    keep = ~df["failed"].to_numpy(dtype=bool) & kept
     if "scored" in df:
         keep &= df["scored"].to_numpy(dtype=bool)
     keep &= np.isfinite(df["ttft_us"].to_numpy(dtype=float)) & (df["ttft_us"].to_numpy(dtype=float) > 0)
@@ -136,17 +151,9 @@ def stacked_design(trace: Trace, result: ReplayResult, variant: str | Variant, f
     med = np.nanmedian(itl[keep]) if np.isfinite(itl[keep]).any() else np.nan
     if np.isfinite(med):
         keep &= ~(itl > 10 * med)
+    sel = keep[kept]  # rows of Xt/Xe are the replay-completed requests
     d = df[keep]
-    q = d["queued_us"].to_numpy(dtype=float)
-    k0 = np.searchsorted(starts, q - 1e-6, side="left")
-    kf = np.searchsorted(ends, d["first_token_us"].to_numpy(dtype=float) - 1e-6, side="left")
-    ke = np.searchsorted(ends, d["finished_us"].to_numpy(dtype=float) - 1e-6, side="left")
-    prev = np.maximum(k0 - 1, 0)
-    frac = np.where(k0 > 0, np.clip((ends[prev] - q) / np.where(durs[prev] > 0, durs[prev], 1.0), 0.0, 1.0), 0.0)
-    wait = frac[:, None] * X[prev]
-    Xt = wait + cum[kf + 1] - cum[k0]
-    Xe = wait + cum[ke + 1] - cum[k0]
-    return {"run": trace.run_id, "Xt": Xt, "Xe": Xe, "n_out": d["output_tokens"].to_numpy(dtype=float),
+    return {"run": trace.run_id, "Xt": Xt[sel], "Xe": Xe[sel], "n_out": d["output_tokens"].to_numpy(dtype=float),
             "ttft": d["ttft_us"].to_numpy(dtype=float), "e2e": d["e2e_us"].to_numpy(dtype=float),
             "names": v.names}
 

@@ -15,7 +15,7 @@ import platform
 import shlex
 import sys
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -87,7 +87,7 @@ def provenance_record(doc: dict[str, Any], *, created_at: str | None = None) -> 
     boot = b.get("bootstrap") or {}
     return {
         "format": FORMAT,
-        "created_at": created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": created_at or datetime.now(UTC).isoformat(timespec="seconds"),
         "variant": b.get("variant"), "formulas": b.get("formulas"), "exact_blis": blis,
         "coefficients": coefficients,
         "fit": {"prior_strength": b.get("prior_strength"), "interval_reported": b.get("interval"),

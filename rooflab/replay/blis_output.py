@@ -63,15 +63,19 @@ def blis_results(result_requests: pd.DataFrame, source: str = "<replay>") -> lis
     itl = df["pred_itl_us"].to_numpy(dtype=float) if "pred_itl_us" in df else np.full(len(df), np.nan)
     slo = df["slo_class"].to_numpy(dtype=object) if "slo_class" in df else np.full(len(df), None)
     out: dict[int, dict] = {}
-    for i in np.flatnonzero(ok):
-        rid = blis_request_id(df["request_id"].iat[i])
+    ttft = df["pred_ttft_us"].to_numpy(dtype=float)
+    e2e = df["pred_e2e_us"].to_numpy(dtype=float)
+    prompt = df["prompt_tokens"].to_numpy(dtype=float)
+    n_out = df["output_tokens"].to_numpy(dtype=float)
+    ids = df["request_id"].to_numpy(dtype=object)
+    for i in (int(k) for k in np.flatnonzero(ok)):
+        rid = blis_request_id(ids[i])
         if rid is None:
             continue
         if rid in out:
             raise InputError(source, "request_id", f"two requests map to BLIS id {rid}")
-        rec = {"request_id": rid, "ttft_us": float(df["pred_ttft_us"].iat[i]),
-               "e2e_us": float(df["pred_e2e_us"].iat[i]), "input_tokens": int(round(df["prompt_tokens"].iat[i])),
-               "output_tokens": int(round(df["output_tokens"].iat[i]))}
+        rec = {"request_id": rid, "ttft_us": float(ttft[i]), "e2e_us": float(e2e[i]),
+               "input_tokens": int(round(prompt[i])), "output_tokens": int(round(n_out[i]))}
         if isinstance(slo[i], str) and slo[i]:
             rec["slo_class"] = slo[i]
         if np.isfinite(itl[i]) and itl[i] != 0:
@@ -156,11 +160,12 @@ def write_blis_trace(trace_requests: pd.DataFrame, header: dict | None, folder: 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
+    out_tokens = df["output_tokens"].to_numpy(dtype=float)
     for i in range(len(df)):
         row = {"request_id": ids[i], "client_id": text["client_id"][i], "tenant_id": "",
                "slo_class": text["slo_class"][i], "session_id": "", "round_index": 0, "prefix_group": group[i],
                "prefix_length": plen[i], "streaming": "true", "input_tokens": prompt[i] - plen[i],
-               "output_tokens": int(round(float(df["output_tokens"].iat[i]))), "text_tokens": 0, "image_tokens": 0,
+               "output_tokens": int(round(out_tokens[i])), "text_tokens": 0, "image_tokens": 0,
                "audio_tokens": 0, "video_tokens": 0, "reason_ratio": 0, "model": "", "deadline_us": deadline[i],
                "server_input_tokens": prompt[i], "arrival_time_us": arr[i], "send_time_us": arr[i],
                "first_chunk_time_us": first[i], "last_chunk_time_us": last[i], "num_chunks": 0,

@@ -113,17 +113,19 @@ def find_blis_trace(path: str | Path, itl: str | Path | None = None) -> BlisTrac
         raise InputError(p, None, "file not found")
     elif p.suffix in (".yaml", ".yml"):
         header = p
-        data = next((c for c in (p.with_suffix(".csv"), p.parent / "trace.csv") if c.is_file()), None)
-        if data is None:
+        found = next((c for c in (p.with_suffix(".csv"), p.parent / "trace.csv") if c.is_file()), None)
+        if found is None:
             raise InputError(p, None, f"no data CSV beside the header (expected {p.with_suffix('.csv').name})")
+        data = found
     elif p.suffix == ".csv":
         if p.name.endswith(".itl.csv"):
             raise InputError(p, None, "an ITL file: pass the trace's data CSV or header")
         data = p
-        header = next((c for c in (p.with_suffix(".yaml"), p.with_suffix(".yml"), p.parent / "trace.yaml")
+        beside = next((c for c in (p.with_suffix(".yaml"), p.with_suffix(".yml"), p.parent / "trace.yaml")
                        if c.is_file()), None)
-        if header is None:
+        if beside is None:
             raise InputError(p, None, f"no header YAML beside the data CSV (expected {p.with_suffix('.yaml').name})")
+        header = beside
     else:
         raise InputError(p, None, "not a BLIS trace (expected a folder, a .yaml header or a .csv data file)")
     if itl is not None and not Path(itl).is_file():
@@ -251,7 +253,8 @@ def read_itl_means(path: str | Path) -> dict[int, float]:
     df = pd.DataFrame(cols).sort_values(["request_id", "chunk_index"], kind="stable")
     d = df.groupby("request_id")["timestamp_us"].diff()
     d = d[d.notna() & (d >= 0)]
-    return {int(k): float(v) for k, v in d.groupby(df.loc[d.index, "request_id"]).mean().items()}
+    means = d.groupby(df.loc[d.index, "request_id"]).mean()
+    return {int(k): float(v) for k, v in zip(means.index.to_numpy(dtype=np.int64), means.to_numpy(dtype=float))}
 
 
 def _spec_concurrency(header: dict, folder: Path) -> int | None:
@@ -400,7 +403,7 @@ def read_blis_trace(path: str | Path, *, hardware: str | None = None, tp: int | 
         notes.append(f"{int((~scored).sum())} warm-up requests (id < {warm}) not scored")
     reqs = pd.DataFrame({
         "request_id": rid.astype(str), "arrival_us": start, "prompt_tokens": prompt.astype(float),
-        "output_tokens": out, "prefix_group": np.where(group != "", group, None),
+        "output_tokens": out, "prefix_group": np.where(group != "", group, np.array(None, dtype=object)),
         "prefix_tokens": np.where(group != "", np.minimum(plen, prompt), 0).astype(float), "failed": ~ok,
         "ttft_us": ttft, "e2e_us": e2e, "itl_us": itl_us, "scored": scored, "scheduled_arrival_us": sched,
         "status": status})
