@@ -157,6 +157,8 @@ def test_fit_out_file_and_plots(synthetic_steps, tmp_path, capsys):
     assert not out.with_suffix(".json.tmp").exists()
     doc = json.loads(out.read_text())
     assert "beta1" in doc["beta"]["coefficients"]
+    # the invocation main() recorded, as a shell would re-run it
+    assert doc["provenance"]["command"] == f"rooflab fit --steps {synthetic_steps} --boot 5 --out {out} --plots {plots}"
     pngs = sorted(plots.glob("*.png"))
     assert pngs
     for png in pngs:
