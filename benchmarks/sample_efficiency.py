@@ -44,7 +44,10 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VARIANT, FORMULAS, BATCH, N_BOOT = "roofline7+layers", "vllm", 6, 50
+from rooflab.model.variants import DEFAULT_VARIANT  # noqa: E402
+from rooflab.targeting.stop import RANGE_BETAS  # noqa: E402
+
+FORMULAS, BATCH, N_BOOT = "vllm", 6, 50
 MAX_ITERATIONS = 40
 
 
@@ -94,14 +97,14 @@ class Data:
         return steps, (pd.concat(req, ignore_index=True) if req else None)
 
 
-def _fit(data: Data, rids: list[str]):
+def _fit(data: Data, rids: list[str], variant: str):
     from rooflab.fit.calibration import Options, calibrate
 
     steps, req = data.tables(rids)
     if not len(steps) or not (steps["split"] != "validation").any():
         return None
     try:
-        return calibrate(steps, req, Options(variant=VARIANT, formulas=FORMULAS, n_boot=N_BOOT))
+        return calibrate(steps, req, Options(variant=variant, formulas=FORMULAS, n_boot=N_BOOT))
     except Exception as exc:  # too little data for a fit (e.g. a single run): keep collecting
         print(f"    fit skipped: {exc}", file=sys.stderr)
         return None
@@ -111,8 +114,8 @@ class BenchSteps:
     """The campaign loop's steps for one strategy over the shared data (no Prefect, no MLflow): collection takes
     runs from :class:`Data`, the record step keeps the learning curve."""
 
-    def __init__(self, data: Data):
-        self.data = data
+    def __init__(self, data: Data, variant: str):
+        self.data, self.variant = data, variant
         self.rids: list[str] = []
         self.curve: list[tuple[float, object]] = []
         self.first_but_hot: float | None = None  # GPU-seconds when every criterion but "no hotspot" was first met
@@ -139,7 +142,7 @@ class BenchSteps:
         return any(self.data.runs[r]["status"] == "ok" for r in self.rids)
 
     def calibrate(self, iteration):
-        return _fit(self.data, self.rids)
+        return _fit(self.data, self.rids, self.variant)
 
     def replay_error(self, calib):
         raise NotImplementedError("the benchmark's loop does not use the replay stop criterion")
@@ -151,13 +154,13 @@ class BenchSteps:
             self.first_but_hot = record.spend.total_s
 
 
-def run_strategy(data: Data, campaign, targeting, budget_gpu_h: float | None) -> dict:
+def run_strategy(data: Data, campaign, targeting, budget_gpu_h: float | None, variant: str) -> dict:
     """One strategy through the core campaign loop (:func:`rooflab.campaign.loop.run_campaign`)."""
     from rooflab.campaign.loop import MemoryPlans, run_campaign
 
-    camp = campaign.with_loop(batch_size=BATCH, max_iterations=MAX_ITERATIONS, variant=VARIANT, formulas=FORMULAS,
+    camp = campaign.with_loop(batch_size=BATCH, max_iterations=MAX_ITERATIONS, variant=variant, formulas=FORMULAS,
                               n_boot=N_BOOT).with_budget(budget_gpu_h)
-    steps = BenchSteps(data)
+    steps = BenchSteps(data, variant)
     out = run_campaign(camp, steps, MemoryPlans(), targeting, report=lambda line: None)
     reason = out.stop_reason or "iteration cap"
     last = steps.curve[-1][1] if steps.curve else None
@@ -165,14 +168,14 @@ def run_strategy(data: Data, campaign, targeting, budget_gpu_h: float | None) ->
             "stop_reason": reason, "calib": last, "curve": steps.curve, "all_but_hotspots_gpu_s": steps.first_but_hot}
 
 
-def _evaluate(calib, eval_steps: pd.DataFrame, ref_beta: dict | None) -> dict:
+def _evaluate(calib, eval_steps: pd.DataFrame, variant: str) -> dict:
     from rooflab.fit.residuals import bucket_table, summary
     from rooflab.model.features import featurize
     from rooflab.model.variants import get_variant
 
     if calib is None:
         return {"heldout_mape": np.nan, "heldout_median_ape": np.nan, "worst_bucket_mape": np.nan}
-    v = get_variant(VARIANT)
+    v = get_variant(variant)
     y = eval_steps["step_time_us"].to_numpy(dtype=float)
     pred = v.predict(featurize(eval_steps, FORMULAS), calib.beta.beta)
     s = summary(y, pred)
@@ -186,7 +189,7 @@ def _evaluate(calib, eval_steps: pd.DataFrame, ref_beta: dict | None) -> dict:
     return out
 
 
-def job(truth: str, seed: int, workdir: str, budget_share: float) -> dict:
+def job(truth: str, seed: int, workdir: str, budget_share: float, variant: str) -> dict:
     from rooflab.targeting.strategies import DOptimal, RandomOrder, StaticPlan
 
     t0 = time.time()
@@ -194,18 +197,18 @@ def job(truth: str, seed: int, workdir: str, budget_share: float) -> dict:
     wd.mkdir(parents=True, exist_ok=True)
     campaign = _campaign(truth, seed, wd)
     data = Data(campaign, wd / "store")
-    static = run_strategy(data, campaign, StaticPlan(), None)
+    static = run_strategy(data, campaign, StaticPlan(), None, variant)
     budget_h = static["gpu_s"] * budget_share / 3600
     eval_rids = [r for r in static["rids"] if data.runs[r]["split"] == "validation" and data.runs[r]["status"] == "ok"]
     eval_keys = {data.runs[r]["key"] for r in eval_rids}
     eval_steps, _ = data.tables(eval_rids)
-    res = {"static": static, "active": run_strategy(data, campaign, DOptimal(), budget_h),
-           "random": run_strategy(data, campaign, RandomOrder(seed), budget_h)}
+    res = {"static": static, "active": run_strategy(data, campaign, DOptimal(), budget_h, variant),
+           "random": run_strategy(data, campaign, RandomOrder(seed), budget_h, variant)}
     out = {"truth": truth, "seed": seed, "budget_gpu_s": budget_h * 3600, "static_gpu_s": static["gpu_s"],
            "eval_runs": len(eval_rids), "eval_steps": int(len(eval_steps)), "seconds": 0.0, "strategies": {}}
     for name, r in res.items():
-        curve = [(g / 3600, _evaluate(c, eval_steps, None)["heldout_mape"]) for g, c in r["curve"]]
-        ev = _evaluate(r["calib"], eval_steps, None)
+        curve = [(g / 3600, _evaluate(c, eval_steps, variant)["heldout_mape"]) for g, c in r["curve"]]
+        ev = _evaluate(r["calib"], eval_steps, variant)
         but = r["all_but_hotspots_gpu_s"]
         out["strategies"][name] = {"gpu_h": r["gpu_s"] / 3600, "runs": r["runs"], "converged": r["converged"],
                                    "all_but_hotspots_gpu_h": np.nan if but is None else but / 3600,
@@ -224,14 +227,14 @@ def job(truth: str, seed: int, workdir: str, budget_share: float) -> dict:
     return out
 
 
-def reference_betas(results: list[dict]) -> dict:
+def reference_betas(results: list[dict], variant: str) -> dict:
     from rooflab.fit.calibration import Options, calibrate
 
     refs = {}
     for truth in sorted({r["truth"] for r in results}):
         steps = pd.concat([pd.read_parquet(r["static_steps_path"]) for r in results if r["truth"] == truth],
                           ignore_index=True)
-        calib = calibrate(steps, None, Options(variant=VARIANT, formulas=FORMULAS, n_boot=10))
+        calib = calibrate(steps, None, Options(variant=variant, formulas=FORMULAS, n_boot=10))
         refs[truth] = calib.beta.coefficients()
     return refs
 
@@ -241,6 +244,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--truths", default="H100-SXM,H200")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--variant", default=DEFAULT_VARIANT, help="model variant every strategy calibrates")
     ap.add_argument("--budget-share", type=float, default=1 / 3,
                     help="GPU budget of random and active, as a share of the static plan's measured GPU-hours")
     ap.add_argument("--out", default=str(ROOT / "reports"))
@@ -249,12 +253,13 @@ def main() -> None:
     t0 = time.time()
     workdir = Path(tempfile.mkdtemp(prefix="rooflab-se-"))
     jobs = [(t, s) for s in range(args.seeds) for t in args.truths.split(",")]
-    print(f"sample efficiency: {len(jobs)} jobs ({args.truths} × {args.seeds} seeds), {args.workers} workers")
+    print(f"sample efficiency of {args.variant}: {len(jobs)} jobs ({args.truths} × {args.seeds} seeds), "
+          f"{args.workers} workers")
     try:
         with ProcessPoolExecutor(max_workers=args.workers) as ex:
             results = list(ex.map(job, [t for t, _ in jobs], [s for _, s in jobs], [str(workdir)] * len(jobs),
-                                  [args.budget_share] * len(jobs)))
-        refs = reference_betas(results)
+                                  [args.budget_share] * len(jobs), [args.variant] * len(jobs)))
+        refs = reference_betas(results, args.variant)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -262,7 +267,7 @@ def main() -> None:
     for r in results:
         ref = refs[r["truth"]]
         for name, s in r["strategies"].items():
-            errs = {k: abs(s["beta"][k] - ref[k]) / abs(ref[k]) for k in ("beta1", "beta2", "beta3", "beta4", "beta5")
+            errs = {k: abs(s["beta"][k] - ref[k]) / abs(ref[k]) for k in RANGE_BETAS
                     if "beta" in s and ref.get(k)}
             rows.append({"truth": r["truth"], "seed": r["seed"], "strategy": name, "gpu_h": s["gpu_h"],
                          "runs": s["runs"], "converged": s["converged"], "heldout_mape": s["heldout_mape"],

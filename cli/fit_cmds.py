@@ -123,6 +123,9 @@ def export(
     doc = ex.load_fit(fit_file)
     if hardware:
         doc = {**doc, "context": {**(doc.get("context") or {}), "hardware": hardware}}
+    for why in (doc.get("unidentified") or {}).values():  # βs the fit's data could not see
+        print(f"warning: {why}: exported as fitted, but do not trust it outside the data it came from",
+              file=sys.stderr)
     if fmt == "blis":
         text = ex.blis_yaml(doc)
         if not (doc.get("alpha") or {}).get("fitted"):

@@ -133,6 +133,7 @@ def coefficient_warnings(path: Path | None, coefs: Coefficients) -> list[str]:
         failed = "; ".join(f"{c.get('check')}: {c.get('target')}" for c in checks) or "no failed check listed"
         out.append(f"the coefficient set's own health check failed ({failed}): its step times may not hold "
                    f"outside the data it was fitted on (`rooflab fit` prints each check's suggested action)")
+    out += coefs.warnings()  # βs the data it was fitted on could not see
     if coefs.alpha_fitted:
         from rooflab.fit.request_level import ALPHA_MAX
 

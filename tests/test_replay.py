@@ -80,9 +80,12 @@ def test_scheduler_parity_with_the_twin():
     assert res.stats["preemptions"] == int(t["preemptions"].sum())
 
 
-@pytest.mark.parametrize("model,tp,formulas", [("llama-3.1-8b", 1, "vllm"), ("mixtral-8x7b", 2, "vllm"),
-                                               ("deepseek-v2-lite", 2, "vllm"), ("llama-2-70b", 4, "design")])
-def test_fitted_timer_equals_the_feature_model(model, tp, formulas):
+@pytest.mark.parametrize("model,tp,formulas,variant", [
+    ("llama-3.1-8b", 1, "vllm", "roofline7+layers"), ("mixtral-8x7b", 2, "vllm", "roofline7+layers"),
+    ("deepseek-v2-lite", 2, "vllm", "roofline7+layers"), ("llama-2-70b", 4, "design", "roofline7+layers"),
+    ("llama-3.1-8b", 1, "vllm", "roofline7+layers+attn"), ("deepseek-v2-lite", 2, "vllm", "roofline7+layers+attn"),
+    ("llama-2-70b", 4, "design", "roofline7+layers+attn")])
+def test_fitted_timer_equals_the_feature_model(model, tp, formulas, variant):
     """The scalar step timer gives exactly variant.predict(compute_features(...)) of the fit."""
     arch = load_model(model)
     rng = np.random.default_rng(1)
@@ -95,15 +98,35 @@ def test_fitted_timer_equals_the_feature_model(model, tp, formulas):
     D = rng.integers(0, 128, n).astype(float)
     D[(P == 0) & (D == 0)] = 1
     Cd = D * rng.integers(10, 3000, n)
-    c = Coefficients({**COEFS.beta}, COEFS.alpha, "roofline7+layers", formulas)
+    beta = {**COEFS.beta, **({"beta1_attn": 2.7} if variant.endswith("+attn") else {})}
+    c = Coefficients(beta, COEFS.alpha, variant, formulas)
     timer = FittedStepTimer(c, arch, H100, tp)
     got = np.array([timer.time_from_aggregates(*row) for row in zip(P, T, C, A, logits, D, Cd)])
     feats = compute_features(Setting(arch, H100, tp, formulas), {
         "prefill_reqs": P, "prefill_tokens": T, "prefill_context": C, "prefill_attn_pairs": A,
         "prefill_logits": logits, "decode_reqs": D, "decode_context": Cd})
-    v = get_variant("roofline7+layers")
+    v = get_variant(variant)
     want = v.predict(feats, np.array([c.beta[k] for k in v.names]))
     np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def test_the_attention_split_with_one_beta_is_the_unsplit_model():
+    """f_pf_dense + f_pf_attn = f_prefill, so beta1_attn = beta1 reproduces roofline7+layers exactly; the attention
+    share grows with the context (n·c pairs) while the dense share does not."""
+    arch = load_model("llama-3.1-8b")
+    s = Setting(arch, H100, 1, "vllm")
+    C = np.array([0.0, 1000.0, 8000.0])
+    f = compute_features(s, {"prefill_reqs": np.ones(3), "prefill_tokens": np.full(3, 512.0), "prefill_context": C,
+                             "prefill_attn_pairs": 512 * C + 512 * 513 / 2, "prefill_logits": np.ones(3),
+                             "decode_reqs": np.zeros(3), "decode_context": np.zeros(3)})
+    np.testing.assert_allclose(f["f_pf_dense"] + f["f_pf_attn"], f["f_prefill"], rtol=1e-12)
+    assert np.all(np.diff(f["f_pf_attn"]) > 0) and np.allclose(f["f_pf_dense"], f["f_pf_dense"][0])
+    one = {**COEFS.beta, "beta1_attn": COEFS.beta["beta1"]}
+    a = get_variant("roofline7+layers+attn").predict(f, np.array([one[k] for k in get_variant(
+        "roofline7+layers+attn").names]))
+    b = get_variant("roofline7+layers").predict(f, np.array([COEFS.beta[k] for k in get_variant(
+        "roofline7+layers").names]))
+    np.testing.assert_allclose(a, b, rtol=1e-12)
 
 
 def test_replay_with_fitted_coefficients_uses_alpha_and_never_the_truth():

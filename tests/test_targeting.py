@@ -322,8 +322,9 @@ def test_stop_reports_validation_mape_and_hotspots(good_val):
 
 
 def test_identifiable_betas_follow_the_campaign(default, smoke, dense):
-    assert identifiable_betas(default) == ("beta1", "beta2", "beta3", "beta4", "beta5")
-    assert identifiable_betas(smoke) == ("beta1", "beta2", "beta3")  # dense, TP1 only
+    # beta1_attn: the attention-split variant's prefill attention term (skipped by variants without it)
+    assert identifiable_betas(default) == ("beta1", "beta1_attn", "beta2", "beta3", "beta4", "beta5")
+    assert identifiable_betas(smoke) == ("beta1", "beta1_attn", "beta2", "beta3")  # dense, TP1 only
     d = stop_rule(dense, gpu_seconds_spent=0, budget_gpu_seconds=None, iteration=1, max_iterations=None)
     assert not d.criteria["beta4_range"].met
     d = stop_rule(dense, gpu_seconds_spent=0, budget_gpu_seconds=None, iteration=1, max_iterations=None,

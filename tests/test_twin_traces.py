@@ -67,3 +67,14 @@ def test_saturating_workload_shows_in_the_traces(tmp_path):
     routing = route_steps(s)
     assert routing.by_kv > 0 and routing.by_preemption > 0
     assert (read.requests.output_tokens == 800).all()  # recompute restores progress: everyone completes
+
+
+def test_round_trip_of_prefix_cache_hits(tmp_path):
+    """Requests sharing a prefix: the traces give back the engine's computed prefill tokens and its cache hits
+    (from each request's first SCHEDULED step and its computed tokens there)."""
+    reqs = [Request(f"r{i}", i * 150_000.0, 900, 12, True, None, "sys", 768) for i in range(30)]
+    res, read = _run(tmp_path, "llama-3.1-8b", 1, reqs, EngineConfig(enable_prefix_caching=True))
+    own, got = res.steps.set_index("step_id"), read.steps.set_index("step_id")
+    assert own.prefill_cached_tokens.sum() == 29 * 768  # every request after the first hits 48 full blocks
+    pd.testing.assert_frame_equal(got[AGG + ["prefill_cached_tokens"]], own[AGG + ["prefill_cached_tokens"]],
+                                  check_dtype=False)

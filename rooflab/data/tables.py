@@ -2,7 +2,9 @@
 
 steps — one row per scheduler step. Columns (``STEP_COLUMNS``): identity and setting (run_id, step_id,
 model, tp, hardware), the fit target ``step_time_us`` (the cycle time, or a measured step end − start; NaN
-where unknown), the batch aggregates the features need, and saturation signals.
+where unknown), the batch aggregates the features need, and saturation signals. ``prefill_tokens`` counts
+*computed* tokens only; ``prefill_cached_tokens`` is how many prompt tokens of the requests whose first chunk
+ran in the step were served from the prefix cache instead (NaN: the source cannot say).
 
 requests — one row per request: run_id, request_id, timestamps in µs on one clock (arrived, queued,
 scheduled, first_token, finished, departed; NaN where the source lacks them), prompt/output tokens,
@@ -10,6 +12,8 @@ preemptions, status.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -21,16 +25,16 @@ STEP_COLUMNS = {
     "t_start_us": "float64", "step_time_us": "float64",
     "prefill_reqs": "float64", "prefill_tokens": "float64", "prefill_context": "float64",
     "prefill_attn_pairs": "float64", "prefill_logits": "float64", "prefill_prompt_pairs": "float64",
-    "decode_reqs": "float64", "decode_context": "float64",
+    "decode_reqs": "float64", "decode_context": "float64", "prefill_cached_tokens": "float64",
     "kv_usage": "float64", "preemptions": "float64", "running": "float64", "waiting": "float64",
 }
 _STEP_REQUIRED = ("run_id", "step_id", "model", "tp", "hardware", "step_time_us", "prefill_reqs",
                   "prefill_tokens", "prefill_context", "decode_reqs", "decode_context")
 _STEP_DEFAULTS = {"t_start_us": np.nan, "prefill_attn_pairs": np.nan, "prefill_logits": np.nan,
-                  "prefill_prompt_pairs": np.nan,
+                  "prefill_prompt_pairs": np.nan, "prefill_cached_tokens": np.nan,
                   "kv_usage": np.nan, "preemptions": 0.0, "running": np.nan, "waiting": np.nan}
 _NON_NEGATIVE = ("prefill_reqs", "prefill_tokens", "prefill_context", "decode_reqs", "decode_context",
-                 "preemptions")
+                 "preemptions", "prefill_cached_tokens")
 
 REQUEST_COLUMNS = {
     "run_id": "string", "request_id": "string",
@@ -94,7 +98,8 @@ def aggregate_entries(entries: pd.DataFrame, source: str = "<entries>") -> pd.Da
     """Reduce per-request step entries to the exact per-step aggregates the features use.
 
     ``entries``: one row per (run_id, step_id, request) with ``phase`` ('prefill'/'decode'), ``tokens``
-    (scheduled this step), ``context_before`` (pre-step num_computed_tokens) and ``prompt_tokens``.
+    (scheduled this step), ``context_before`` (pre-step num_computed_tokens) and ``prompt_tokens``; optional
+    ``cached_tokens``: prefix-cache hits of the request, on its first prefill entry only (0 elsewhere).
     Returns one row per (run_id, step_id) with prefill/decode counts, Σ tokens, Σ context, exact causal
     pairs Σ[n·c + n(n+1)/2] and the number of prefills whose last prompt chunk runs in the step.
     """
@@ -121,8 +126,22 @@ def aggregate_entries(entries: pd.DataFrame, source: str = "<entries>") -> pd.Da
         "prefill_context": np.where(pf, c, 0.0), "prefill_attn_pairs": np.where(pf, n * c + n * (n + 1) / 2, 0.0),
         "prefill_logits": last_chunk.astype(float), "prefill_prompt_pairs": prompt_pairs,
         "decode_reqs": (~pf).astype(float), "decode_context": np.where(~pf, c, 0.0),
+        "prefill_cached_tokens": (entries["cached_tokens"].to_numpy(dtype=np.float64) if "cached_tokens" in entries
+                                  else np.full(len(n), np.nan)),
     })
     return frame.groupby(["run_id", "step_id"], sort=True, as_index=False).sum(min_count=1)
+
+
+def with_cache_hits(entries: pd.DataFrame, first_scheduled: Mapping[str, int]) -> pd.DataFrame:
+    """``entries`` (with ``request_id``) plus ``cached_tokens``: the request's computed tokens before the step on
+    its prefill entry of the step it was first scheduled in — vLLM sets ``num_computed_tokens`` to the
+    prefix-cache hits when it first schedules a request — and 0 on every other entry. ``first_scheduled``:
+    request id -> that step. A resume after preemption that hits the cache again is not counted."""
+    rid = entries["request_id"].astype(str).to_numpy()
+    first = np.array([first_scheduled.get(r, -1) for r in rid], dtype=np.int64)
+    pf = entries["phase"].astype(str).str.lower().to_numpy() == "prefill"
+    at_first = pf & (entries["step_id"].to_numpy(dtype=np.int64) == first)
+    return entries.assign(cached_tokens=np.where(at_first, entries["context_before"].to_numpy(dtype=np.float64), 0.0))
 
 
 def phase_mix(steps: pd.DataFrame) -> pd.Series:

@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from rooflab.data.adapters import check_step_table
 from rooflab.data.saturation import route_steps
 from rooflab.fit.beta import AlphaFit, BetaFit, fit_alpha, fit_beta
-from rooflab.fit.health import Check, check_health, overall
+from rooflab.fit.coverage import IDENTIFIED_CHECK, DataCoverage, data_coverage, identification_checks
+from rooflab.fit.health import FAIL, Check, check_health, overall
 from rooflab.fit.residuals import (
     bucket_table,
     plot_residuals,
@@ -48,6 +50,7 @@ class Calibration:
     specification: dict = field(default_factory=dict)  # RESET / Breusch–Pagan on run-level aggregates
     plots: list[Path] = field(default_factory=list)
     scope: dict = field(default_factory=dict)  # what the fit covers: hardware, models, TP degrees of its steps
+    coverage: DataCoverage | None = None  # what the training data can see (rooflab.fit.coverage)
 
     @property
     def health_overall(self) -> str:
@@ -64,7 +67,13 @@ class Calibration:
         return Coefficients({n: float(v) for n, v in self.beta.coefficients().items()},
                             tuple(float(x) for x in a.alpha) if a.alpha is not None else (0.0, 0.0, 0.0),
                             self.beta.variant.name, self.beta.formulas, "calibration", fitted,
-                            [] if fitted else [f"α not fitted: replayed with α = 0 ({a.reason})"])
+                            [] if fitted else [f"α not fitted: replayed with α = 0 ({a.reason})"],
+                            unidentified=self.unidentified)
+
+    @property
+    def unidentified(self) -> dict[str, str]:
+        """β name -> why the training data cannot see it (the failed ``identified by the data`` checks)."""
+        return {c.target: c.action for c in self.health if c.check == IDENTIFIED_CHECK and c.status == FAIL}
 
     def to_dict(self) -> dict:
         return {
@@ -75,6 +84,8 @@ class Calibration:
             "hotspots": self.hotspots.to_dict(orient="records"),
             "run_influence": self.influence.to_dict(orient="records"),
             "specification": self.specification, "scope": self.scope,
+            "coverage": self.coverage.to_dict() if self.coverage is not None else None,
+            "unidentified": self.unidentified,
             "plots": [str(p) for p in self.plots],
         }
 
@@ -95,6 +106,7 @@ def calibrate(steps: pd.DataFrame, requests: pd.DataFrame | None = None, options
         from rooflab.errors import InputError
 
         raise InputError(None, "steps", "no steps to calibrate (no complete, unsaturated run with step data)")
+    check_step_table(steps, "steps")
     options = replace(options, formulas=resolve_formulas(variant, options.formulas))
     assert options.formulas is not None
     routing = route_steps(steps)
@@ -112,7 +124,8 @@ def calibrate(steps: pd.DataFrame, requests: pd.DataFrame | None = None, options
                     seed=options.seed, order=None if order is None else order[train])
     alpha = fit_alpha(requests, n_boot=options.n_boot, ci=options.ci, seed=options.seed) if requests is not None \
         else AlphaFit(None, None, None, 0, "no request data given")
-    health = check_health(beta, X[train], y[train])
+    coverage = data_coverage(steps[train], feats[train], variant.terms, y[train])
+    health = check_health(beta, X[train], y[train]) + identification_checks(variant.terms, coverage)
 
     pred = X @ beta.beta
     tables, accuracy = [], {}
@@ -131,7 +144,7 @@ def calibrate(steps: pd.DataFrame, requests: pd.DataFrame | None = None, options
     counts["fit"] = int(train.sum())
     calib = Calibration(options, {"total": counts, "per_run": _routing_counts(steps, routing.saturated, has_time)},
                         beta, alpha, health, residuals, accuracy, influence,
-                        specification_tests(steps[train], y[train], pred[train]))
+                        specification_tests(steps[train], y[train], pred[train]), coverage=coverage)
     fitted = steps[train]
     calib.scope = {"hardware": sorted(map(str, fitted["hardware"].unique())),
                    "models": sorted(map(str, fitted["model"].unique())),

@@ -52,8 +52,8 @@ PHYSICAL = (0.3, 5.0)  # docs/spec.md §1: β1–β5 are efficiency corrections,
 # and β2 to 0.7, which fits the training runs' E2E but under-predicts the step time under load (no saturation
 # in the overloaded runs)
 ALPHA_MAX = (1e6, 2e4, 100.0)
-PRIOR_START = {"beta1": 1.0, "beta2": 1.0, "beta3": 1.0, "beta4": 1.0, "beta5": 1.0, "beta6": 10.0, "beta7": 100.0,
-               "beta_layer": 10.0}
+PRIOR_START = {"beta1": 1.0, "beta1_attn": 1.0, "beta2": 1.0, "beta3": 1.0, "beta4": 1.0, "beta5": 1.0,
+               "beta6": 10.0, "beta7": 100.0, "beta_layer": 10.0}
 
 
 @dataclass(frozen=True)
@@ -273,7 +273,7 @@ def _scaled(c: Coefficients, f_all: float, f_pf: float, f_alpha: float) -> Coeff
     beta = {}
     v = get_variant(c.variant)
     for t in v.terms:
-        x = c.beta[t.name] * f_all * (f_pf if t.name == "beta1" else 1.0)
+        x = c.beta[t.name] * f_all * (f_pf if t.name in ("beta1", "beta1_attn") else 1.0)
         if t.prior is not None:
             x = float(np.clip(x, *PHYSICAL))
         beta[t.name] = float(x)

@@ -28,12 +28,19 @@ class Coefficients:
     source: str = ""
     alpha_fitted: bool = True
     notes: list[str] = field(default_factory=list)
+    # β name -> why the data it was fitted on could not see it (rooflab.fit.coverage); replay and export warn
+    unidentified: dict[str, str] = field(default_factory=dict)
 
     def with_values(self, beta: dict[str, float] | None = None, alpha: Iterable[float] | None = None,
                     source: str | None = None) -> Coefficients:
         return Coefficients({**self.beta, **(beta or {})}, tuple(alpha) if alpha is not None else self.alpha,
                             self.variant, self.formulas, source or self.source,
-                            self.alpha_fitted or alpha is not None, list(self.notes))
+                            self.alpha_fitted or alpha is not None, list(self.notes), dict(self.unidentified))
+
+    def warnings(self) -> list[str]:
+        """One line per coefficient the data it was fitted on could not see."""
+        return [f"{why} — its value {self.beta.get(name, float('nan')):.3g} is the fit's guess, not a measurement; "
+                "predictions that lean on it are unreliable" for name, why in self.unidentified.items()]
 
     def to_dict(self) -> dict:
         return {"format": "rooflab.coefficients/1", "variant": self.variant, "formulas": self.formulas,
@@ -41,7 +48,7 @@ class Coefficients:
                 "alpha": {"fitted": bool(self.alpha_fitted), "coefficients": {
                     n: {"value": float(v), "unit": u}
                     for n, v, u in zip(ALPHA_NAMES, self.alpha, ("µs", "µs", "µs/token"))}},
-                "source": self.source, "notes": list(self.notes)}
+                "source": self.source, "notes": list(self.notes), "unidentified": dict(self.unidentified)}
 
 
 def _num(v: Any) -> TypeGuard[float]:
@@ -91,7 +98,10 @@ def coefficients_from_doc(doc: Any, source: str = "") -> Coefficients:
     unknown = sorted(set(beta) - known)
     if unknown:
         raise InputError(source, f"beta.{unknown[0]}", f"not a term of variant {variant}")
-    return Coefficients(beta, alpha, variant, formulas, source, fitted, notes)
+    flags = doc.get("unidentified") or {}
+    if not isinstance(flags, dict) or not all(isinstance(v, str) for v in flags.values()):
+        raise InputError(source, "unidentified", "expected a mapping of β name to reason")
+    return Coefficients(beta, alpha, variant, formulas, source, fitted, notes, {str(k): v for k, v in flags.items()})
 
 
 def load_coefficients(path: str | Path) -> Coefficients:

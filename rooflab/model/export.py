@@ -221,6 +221,7 @@ def to_json(calib: CalibrationLike, *, context: dict | None = None) -> dict:
         "accuracy": {s: {k: (_num(v) if k != "steps" else v) for k, v in acc.items()}
                      for s, acc in (doc.get("accuracy") or {}).items()},
         "health": (doc.get("health") or {}).get("overall"),
+        "unidentified": dict(doc.get("unidentified") or {}),  # βs the data could not see, with the reason
     }
     return json.loads(json.dumps(out, default=_plain))
 
@@ -317,6 +318,7 @@ def blis_yaml(calib: CalibrationLike, *, alpha_fallback: list[float] | None = No
          "does not have; mapped onto BLIS's slots as the comments say. Fit the blis-tp10/11 variant for an exact set."),
         f"# prior strength λ={_g(_num(b.get('prior_strength')))}; {int(round(ci * 100))}% bootstrap intervals "
         "in the comments.",
+        *(f"# WARNING: {why}" for why in (doc.get("unidentified") or {}).values()),
         f"# models: {', '.join(ctx.get('models') or []) or '-'}; TP: "
         f"{', '.join(map(str, ctx.get('tp') or [])) or '-'}; hardware: {ctx.get('hardware') or '-'}",
         f"# data: {data.get('steps')} steps ({data.get('steps_fitted')} fitted), {data.get('runs')} runs, "

@@ -43,8 +43,8 @@ AGGREGATE_COLUMNS = (
 )
 
 # Columns of the feature frame that model variants combine (see rooflab.model.variants).
-BASIS_COLUMNS = ("f_prefill", "f_decode", "f_weight_static", "f_weight_moe", "f_tp", "n_requests",
-                 "one", "n_layers")
+BASIS_COLUMNS = ("f_prefill", "f_pf_dense", "f_pf_attn", "f_decode", "f_weight_static", "f_weight_moe",
+                 "f_tp", "n_requests", "one", "n_layers")
 
 
 @dataclass(frozen=True)
@@ -134,22 +134,24 @@ def expected_experts(s: Setting, tokens: np.ndarray, requests: np.ndarray) -> np
 
 
 def _phase_flops(s: Setting, T: np.ndarray, A: np.ndarray, C: np.ndarray, logits: np.ndarray,
-                 phase: str) -> tuple[np.ndarray, np.ndarray]:
+                 phase: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(GEMM FLOPs against checkpoint weights, attention-score FLOPs, other FLOPs) of one phase."""
     a, tp, vllm = s.arch, s.tp, s.formulas == "vllm"
     d, L, H = a.hidden, a.n_layers, a.n_heads
     gemm = np.zeros_like(T)  # FLOPs of GEMMs against (possibly fp8) checkpoint weights
-    other = np.zeros_like(T)  # attention scores, bf16-kept weights, router, LM head
+    attn = np.zeros_like(T)  # attention scores (QKᵀ and PV over the context): FlashAttention's own efficiency
+    other = np.zeros_like(T)  # bf16-kept weights (MLA absorbed), router, LM head
     if a.mla is None:
         kvh = max(1.0, a.n_kv_heads / tp) if vllm else a.n_kv_heads / tp
         gemm += L * (2 * T * d * (H / tp + 2 * kvh) * a.head_dim + 2 * T * H * a.head_dim * d / tp)
-        other += L * 4 * (H / tp) * a.head_dim * A
+        attn += L * 4 * (H / tp) * a.head_dim * A
     else:
         m = a.mla
         P, R, rkv, dv = m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank, m.v_head_dim
         if not vllm:  # absorbed form for both phases, as the PR writes it
             gemm += L * (2 * T * d * (rkv + R) + 2 * T * d * d / tp + 2 * T * H * dv * d / tp)
-            other += L * (2 * T * H * P * rkv / tp + 2 * T * H * rkv * dv / tp
-                          + 4 * (H / tp) * A * rkv + 2 * (H / tp) * A * R)
+            other += L * (2 * T * H * P * rkv / tp + 2 * T * H * rkv * dv / tp)
+            attn += L * (4 * (H / tp) * A * rkv + 2 * (H / tp) * A * R)
         else:
             if m.q_lora_rank:
                 q = 2 * T * d * (m.q_lora_rank + rkv + R) + 2 * T * m.q_lora_rank * H * (P + R) / tp
@@ -158,10 +160,10 @@ def _phase_flops(s: Setting, T: np.ndarray, A: np.ndarray, C: np.ndarray, logits
             gemm += L * (q + 2 * T * H * dv * d / tp)
             if phase == "prefill":  # compute-friendly path: up-project new tokens and cached context
                 gemm += L * 2 * (T + C) * rkv * H * (P + dv) / tp
-                other += L * (2 * (H / tp) * A * (P + R) + 2 * (H / tp) * A * dv)
+                attn += L * (2 * (H / tp) * A * (P + R) + 2 * (H / tp) * A * dv)
             else:  # MQA over the latent, W_UK / W_UV kept in bf16
-                other += L * (2 * T * H * P * rkv / tp + 2 * (H / tp) * A * (rkv + R)
-                              + 2 * (H / tp) * A * rkv + 2 * T * H * rkv * dv / tp)
+                other += L * (2 * T * H * P * rkv / tp + 2 * T * H * rkv * dv / tp)
+                attn += L * (2 * (H / tp) * A * (rkv + R) + 2 * (H / tp) * A * rkv)
     gemm += a.n_dense_layers * 6 * T * d * a.ffn_dim / tp
     if a.is_moe:
         gemm += a.n_moe_layers * 6 * T * (a.experts_per_token * a.expert_ffn_dim + a.shared_ffn_dim) * d / tp
@@ -169,7 +171,7 @@ def _phase_flops(s: Setting, T: np.ndarray, A: np.ndarray, C: np.ndarray, logits
             other += a.n_moe_layers * 2 * T * d * a.n_experts
     if vllm:
         other += 2 * logits * a.vocab * d / tp
-    return gemm, other
+    return gemm, attn, other
 
 
 def compute_features(s: Setting, agg: dict | pd.DataFrame) -> dict[str, np.ndarray]:
@@ -199,8 +201,8 @@ def compute_features(s: Setting, agg: dict | pd.DataFrame) -> dict[str, np.ndarr
     vllm_tp = s.formulas == "vllm"
     hw = s.hardware
     gemm_peak = hw.gemm_tflops(s.arch.fp8_weights and s.formulas == "vllm" and s.fp8_peak)
-    g_pf, o_pf = _phase_flops(s, T_pf, A_pf_used, C_pf, logits_pf, "prefill")
-    g_dc, o_dc = _phase_flops(s, T_dc, A_dc, C_dc, D_req, "decode")
+    g_pf, a_pf, o_pf = _phase_flops(s, T_pf, A_pf_used, C_pf, logits_pf, "prefill")
+    g_dc, a_dc, o_dc = _phase_flops(s, T_dc, A_dc, C_dc, D_req, "decode")
     us_flop_g, us_flop_o = 1.0 / (gemm_peak * 1e6), 1.0 / (hw.peak_tflops_bf16 * 1e6)
     us_byte = 1.0 / (hw.hbm_tb_s * 1e6)
 
@@ -210,20 +212,26 @@ def compute_features(s: Setting, agg: dict | pd.DataFrame) -> dict[str, np.ndarr
     T = T_pf + T_dc
     n_eff = expected_experts(s, T, B)
     out = {
-        "F_pf_compute": g_pf * us_flop_g + o_pf * us_flop_o,
+        "F_pf_compute": g_pf * us_flop_g + (a_pf + o_pf) * us_flop_o,
+        "F_pf_attn": a_pf * us_flop_o,
         "F_pf_kv": L * kv_tok * (C_pf + T_pf) * us_byte,
-        "F_dc_compute": g_dc * us_flop_g + o_dc * us_flop_o,
+        "F_dc_compute": g_dc * us_flop_g + (a_dc + o_dc) * us_flop_o,
         "F_dc_kv": L * kv_tok * (C_dc + T_dc) * us_byte,
         "F_weight_static": np.full(n, static_weight_bytes(s) * us_byte),
         "F_weight_moe": n_eff * expert_weight_bytes(s) * us_byte,
         "F_tp": (L * 2 * T * s.arch.hidden * s.arch.act_bytes * us_byte) if s.tp > 1 else np.zeros(n),
         "F_tp_link": _allreduce_us(s, T),
         "N_eff": n_eff,
-        "pf_flops": g_pf + o_pf,
-        "dc_flops": g_dc + o_dc,
+        "pf_flops": g_pf + a_pf + o_pf,
+        "dc_flops": g_dc + a_dc + o_dc,
     }
     out["f_prefill"] = np.maximum(out["F_pf_compute"], out["F_pf_kv"])
     out["f_decode"] = np.maximum(out["F_dc_compute"], out["F_dc_kv"])
+    # The prefill roofline split at its attention-score share (FlashAttention runs at its own efficiency,
+    # which depends on context length, not on the GEMMs'): f_pf_dense + f_pf_attn = f_prefill exactly,
+    # so a variant with one β on both reduces to the unsplit one.
+    out["f_pf_attn"] = np.minimum(out["F_pf_attn"], out["f_prefill"])
+    out["f_pf_dense"] = out["f_prefill"] - out["f_pf_attn"]
     out["f_weight_static"] = out["F_weight_static"]
     out["f_weight_moe"] = out["F_weight_moe"]
     out["f_tp"] = out["F_tp_link"] if vllm_tp else out["F_tp"]

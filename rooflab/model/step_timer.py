@@ -38,6 +38,8 @@ class FittedStepTimer:
         self.pf_c = tuple(lin("F_pf_compute", a) for a in ("prefill_tokens", "prefill_attn_pairs",
                                                            "prefill_context", "prefill_logits"))
         self.pf_kv = lin("F_pf_kv", "prefill_tokens")
+        # attention-score share of the prefill roofline (roofline7+layers+attn): affine in (T, A, C) like pf_c
+        self.pf_attn = tuple(lin("F_pf_attn", a) for a in ("prefill_tokens", "prefill_attn_pairs", "prefill_context"))
         self.dc_c = (lin("F_dc_compute", "decode_reqs"), lin("F_dc_compute", "decode_context"))
         self.dc_kv = lin("F_dc_kv", "decode_context")
         self.dc_kv_d = lin("F_dc_kv", "decode_reqs")
@@ -53,6 +55,7 @@ class FittedStepTimer:
         self.design = coefs.formulas == "design"
         b = dict(coefs.beta)
         self.b = [float(b.get(n, 0.0)) for n in ("beta1", "beta2", "beta3", "beta4", "beta5", "beta6", "beta7")]
+        self.b1_attn = float(b.get("beta1_attn", self.b[0]))  # absent: one β on the whole prefill roofline
         self.const = (self.b[2] * self.w_static + self.b[6] + float(b.get("beta_layer", 0.0)) * a.n_layers
                       + self.b[4] * self.tp0)
         self.calls = 0
@@ -72,7 +75,13 @@ class FittedStepTimer:
         t = self.const + b6 * (P + D)
         if P:
             pc = self.pf_c
-            t += b1 * max(pc[0] * T + pc[1] * A + pc[2] * C + pc[3] * logits, self.pf_kv * (C + T))
+            pf = max(pc[0] * T + pc[1] * A + pc[2] * C + pc[3] * logits, self.pf_kv * (C + T))
+            if self.b1_attn == b1:
+                t += b1 * pf
+            else:
+                pa = self.pf_attn
+                attn = min(pa[0] * T + pa[1] * A + pa[2] * C, pf)
+                t += b1 * (pf - attn) + self.b1_attn * attn
         if D:
             t += b2 * max(self.dc_c[0] * D + self.dc_c[1] * Cd, self.dc_kv * Cd + self.dc_kv_d * D)
         tok = T + D

@@ -26,6 +26,14 @@ VARIANTS = {
     "roofline7": Variant("roofline7", ROOFLINE7),
     "roofline7+layers": Variant("roofline7+layers", ROOFLINE7 + (
         Term("beta_layer", "n_layers", "per-layer overhead (launches, norms)", "µs/layer"),)),
+    # The prefill roofline split at its attention-score share, each with its own efficiency: FlashAttention's
+    # achieved FLOP rate differs from the GEMMs' and grows with context, so long-prompt setups the data never
+    # showed need their own β (issue 15). With beta1_attn = beta1 it is roofline7+layers exactly.
+    "roofline7+layers+attn": Variant("roofline7+layers+attn", (
+        Term("beta1", "f_pf_dense", "prefill roofline less its attention-score share", "×", prior=1.0),
+        Term("beta1_attn", "f_pf_attn", "prefill attention scores (QKᵀ, PV) at the bf16 peak", "×", prior=1.0),
+        *ROOFLINE7[1:],
+        Term("beta_layer", "n_layers", "per-layer overhead (launches, norms)", "µs/layer"))),
     **BLIS_VARIANTS,  # BLIS's trained-physics basis, 10 and 11 coefficients (formulas "blis")
 }
 DEFAULT_VARIANT = "roofline7+layers"  # what campaigns, replay and `rooflab fit` use unless told otherwise

@@ -24,6 +24,7 @@ import numpy as np
 
 from rooflab.collect.spec import Campaign
 from rooflab.fit.calibration import Calibration
+from rooflab.fit.coverage import IDENTIFIED_CHECK
 from rooflab.fit.health import FAIL, WARN
 from rooflab.model.variants import DEFAULT_VARIANT, get_variant, resolve_formulas
 from rooflab.targeting.candidates import (
@@ -47,7 +48,7 @@ from rooflab.targeting.prediction import Prediction, predict_point
 
 HOTSPOT_BOOST = 2.0
 FLAG_CHECKS = ("data vs prior precision", "bootstrap CV", "draws pinned at 0", "leave-one-run-out change",
-               "physical range")
+               "physical range", IDENTIFIED_CHECK)
 
 
 # ----------------------------------------------------------------------------------------- selection

@@ -42,6 +42,7 @@ import numpy as np
 from rooflab.collect.spec import SEED_ORDER, Campaign, Combo
 from rooflab.data.sweep import SweepPoint
 from rooflab.fit.calibration import Calibration
+from rooflab.fit.coverage import IDENTIFIED_CHECK
 from rooflab.fit.health import FAIL, WARN, Check
 from rooflab.fit.residuals import BATCH_BINS, CONTEXT_BINS, HOTSPOT_MAPE
 from rooflab.targeting.candidates import (
@@ -65,7 +66,7 @@ from rooflab.targeting.candidates import (
 
 DECAY = 0.5
 MAX_PICKS = {FAIL: 3, WARN: 2, "hotspot": 2, "range": 2}
-CHECK_BONUS = {"data vs prior precision": 0.4, "bootstrap CV": 0.3, "draws pinned at 0": 0.2,
+CHECK_BONUS = {IDENTIFIED_CHECK: 0.5, "data vs prior precision": 0.4, "bootstrap CV": 0.3, "draws pinned at 0": 0.2,
                "leave-one-run-out change": 0.1}
 BETA_CHECKS = tuple(CHECK_BONUS)
 DESIGN_CHECKS = ("condition number", "VIF", "pairwise bootstrap correlation", "proportional terms")
@@ -123,6 +124,11 @@ def _beta_menu(beta: str, train: list[SweepPoint], state: CandidateState) -> Men
         return ([p for p in train if p.family in ("W1", "W4-A")],
                 lambda p, s: (rank(p), -s.novelty(p), -_inp(p), _cost(p), p.key),
                 lambda p: f"{describe(p)} exercises the prefill roofline")
+    if beta == "beta1_attn":  # attention-score FLOPs grow with n·context: the longest unique prompts pin them
+        rank = family_rank(("W1", "W4-A"))
+        return ([p for p in train if p.family in ("W1", "W4-A")],
+                lambda p, s: (rank(p), -_inp(p), -s.novelty(p), _cost(p), p.key),
+                lambda p: f"{describe(p)} exercises prefill attention at {_inp(p)}-token prompts")
     if beta == "beta2":
         rank = family_rank(("W2", "W3", "W4-C"))
         return ([p for p in train if p.family in ("W2", "W3", "W4-C")],
@@ -196,6 +202,8 @@ _CHECK_TEXT = {  # check -> (label, comparison, pass threshold, fail threshold, 
 
 
 def _check_why(c: Check) -> str:
+    if c.check == IDENTIFIED_CHECK:
+        return f"{c.target} unseen by the data ({c.value:.0f} steps show it)"
     if c.check == "proportional terms":
         return f"{c.target.replace('→', ' and ')} proportional in the data (one held at 0)"
     label, cmp, t_pass, t_fail, pct = _CHECK_TEXT[c.check]

@@ -22,7 +22,8 @@ MAX_CV = 0.30
 MAX_VALIDATION_MAPE = 0.10
 REPLAY_TARGETS = {"ttft": 0.12, "itl": 0.05, "e2e": 0.05}  # docs/spec.md §12, median over held-out runs (optional)
 MIN_DATA_PRIOR_PRECISION = 1.0  # below: the prior, not the data, set the β ("not identified")
-RANGE_BETAS = ("beta1", "beta2", "beta3", "beta4", "beta5")
+# efficiency corrections that must be identified and in range (those a variant lacks are skipped)
+RANGE_BETAS = ("beta1", "beta1_attn", "beta2", "beta3", "beta4", "beta5")
 
 
 # ================================================================================================ stop rule
@@ -79,7 +80,7 @@ def _num(v: float | None) -> float | None:
 def identifiable_betas(campaign: Campaign) -> tuple[str, ...]:
     """β1–β5 the campaign's training combos can identify at all: β4 needs an MoE model, β5 a TP > 1 combo.
     Pass it as ``stop_rule(..., required=...)`` for a campaign that cannot ever move some β off its prior."""
-    out = ["beta1", "beta2", "beta3"]
+    out = ["beta1", "beta1_attn", "beta2", "beta3"]
     if any(model_arch(c.model).is_moe for c in campaign.train_combos):
         out.append("beta4")
     if any(c.tp > 1 for c in campaign.train_combos):
@@ -132,7 +133,11 @@ def stop_rule(calib: Calibration | None, *, gpu_seconds_spent: float, budget_gpu
             # no data on the feature at all -> not identified
             identified = bool(fit.data_precision[j] > 0 and ratio >= MIN_DATA_PRIOR_PRECISION)
             in_range = BETA_RANGE[0] <= b <= BETA_RANGE[1]
-            if not identified:
+            unseen = calib.unidentified.get(name)  # the data cannot see it (rooflab.fit.coverage)
+            identified = identified and unseen is None
+            if unseen is not None:
+                text = unseen
+            elif not identified:
                 why = "feature zero in all data" if fit.data_precision[j] <= 0 else \
                     f"prior-dominated: data/prior precision {ratio:.2g} < 1"
                 text = f"{name} not identified ({why})"

@@ -139,7 +139,8 @@ class StepOutcome:
     preempted: list[Request]
     record: R.StepRecord | None = None
     # rooflab.twin.simulate.AGGREGATES: (prefill_reqs, prefill_tokens, prefill_context, attn_pairs, logits_pf,
-    # decode_reqs, decode_context, kv_usage, preemptions, running, waiting, prefill_prompt_pairs)
+    # decode_reqs, decode_context, kv_usage, preemptions, running, waiting, prefill_prompt_pairs,
+    # prefill_cached_tokens)
     aggregates: tuple[float, ...] | None = None
 
 
@@ -157,6 +158,7 @@ class Engine:
             self.max_model_len = self.num_blocks * config.block_size  # vLLM refuses; we cap and say so
         self.free_blocks = self.num_blocks
         self.prefix = _PrefixCache() if config.enable_prefix_caching else None
+        self.step_cached = 0.0  # prefix-cache hits of the requests admitted in the current step
         self.waiting: deque[Request] = deque()
         cap = config.max_num_seqs
         self.reqs: list[Request] = []  # running, in scheduling order
@@ -362,6 +364,7 @@ class Engine:
             first = math.isnan(req.scheduled_us)
             if first:
                 req.scheduled_us = now_us
+                self.step_cached += computed  # prompt tokens served from the prefix cache (vLLM's num_cached_tokens)
             self.events.append(R.RequestEvent(req.request_id, R.SCHEDULED, int(now_us * 1000), self.step_id,
                                               req.prompt_tokens, req.output_tokens, computed, req.preemptions,
                                               schedule_kind="FIRST" if first else "RESUME"))
@@ -453,7 +456,7 @@ class Engine:
         duration = float(self.timer.step_time_us(contexts, prefills, n + len(new)))
         aggregates = (float(len(new)), pf_tok, 0.0, pairs, float(len(new)), float(n), self.ctx_sum + n * L,
                       1.0 - self.free_blocks / self.num_blocks, 0.0, float(n + len(new)), float(len(self.waiting)),
-                      prompt_pairs)
+                      prompt_pairs, 0.0)
         end = now_us + duration
         L1 = L + 1
         self.lag = L1
@@ -516,7 +519,8 @@ class Engine:
             return None
         self.blocks[:n] += grow
         duration = float(self.timer.step_time_us(computed.astype(np.float64), [], n))
-        aggregates = (0.0, 0.0, 0.0, 0.0, 0.0, float(n), float(computed.sum()), self.kv_usage, 0.0, float(n), 0.0, 0.0)
+        aggregates = (0.0, 0.0, 0.0, 0.0, 0.0, float(n), float(computed.sum()), self.kv_usage, 0.0, float(n), 0.0, 0.0,
+                      0.0)
         end = now_us + duration
         computed += 1
         self.total[:n] += 1
@@ -561,6 +565,7 @@ class Engine:
             out = self._decode_only_step(now_us)
             if out is not None:
                 return out
+        self.step_cached = 0.0
         sched, preempted = self._schedule(now_us)
         n = len(self.reqs)
         active = sched > 0
@@ -594,7 +599,7 @@ class Engine:
         running_depth = n
         aggregates = (float(len(pf_idx)), pf_tok, pf_ctx, pairs, logits_pf, float(is_dec.sum()), float(dec_ctx.sum()),
                       self.kv_usage, float(len(preempted)), float(running_depth), float(len(self.waiting)),
-                      prompt_pairs)
+                      prompt_pairs, self.step_cached)
 
         record = None
         if self.record_steps:

@@ -27,7 +27,8 @@ from rooflab.twin import records as R
 from rooflab.twin.engine import Engine, Request
 
 AGGREGATES = ("prefill_reqs", "prefill_tokens", "prefill_context", "prefill_attn_pairs", "prefill_logits",
-              "decode_reqs", "decode_context", "kv_usage", "preemptions", "running", "waiting", "prefill_prompt_pairs")
+              "decode_reqs", "decode_context", "kv_usage", "preemptions", "running", "waiting", "prefill_prompt_pairs",
+              "prefill_cached_tokens")
 
 
 class RequestOverheads(Protocol):

@@ -64,6 +64,7 @@ from rooflab.data.adapters.otel_journeys import (
     JourneyEvent,
     OtelTables,
     aggregate_by_step,
+    first_scheduled_steps,
     reconstruct_steps,
     request_rows,
     requests_frame,
@@ -132,6 +133,8 @@ def _steps_frame(summ: Mapping[int, dict], snap_agg: pd.DataFrame, rec_agg: pd.D
     report["steps_from_journeys"] = int((source == "journey").sum())
     report["steps_journey_only_no_summary"] = int(((source == "journey") & ~has_summ).sum())
     report["steps_summary_only"] = int(rest.sum())
+    # prefix-cache hits are known where the step's entries and the requests' first SCHEDULED step are
+    report["steps_prefix_cache_hits_known"] = int(np.isfinite(out["prefill_cached_tokens"]).sum())
 
     # cycle time
     cycle = np.full(n, np.nan)
@@ -470,12 +473,13 @@ def read_otel_traces(paths: str | Path | Iterable[str | Path], *, run_id: str, m
         seen = [_int(a.get("batch.scheduled_tokens"), 0) for a in col.summ.values()]
         budget = max(seen) if seen and max(seen) > 0 else None
     recon = reconstruct_steps(journeys, budget) if journeys else None
-    rec_agg = aggregate_by_step(recon.entries, run_id) if recon is not None else None
+    first_sched = first_scheduled_steps(journeys) if journeys else None  # None: cache hits unknown
+    rec_agg = aggregate_by_step(recon.entries, run_id, first_sched) if recon is not None else None
     if recon is not None:
         report["reconstruction_skipped"] = recon.skipped
         report["reconstruction_inconsistent"] = recon.inconsistent
     snap_rows = [(sid, rid) + v for (sid, rid), v in col.snap.items() if v[3] > 0]
-    snap_agg = aggregate_by_step(snapshot_entries(snap_rows, run_id) if snap_rows else None, run_id)
+    snap_agg = aggregate_by_step(snapshot_entries(snap_rows, run_id) if snap_rows else None, run_id, first_sched)
     # a step's snapshots are used only if they account for all its scheduled tokens
     if len(snap_agg):
         tok = snap_agg["prefill_tokens"] + snap_agg["decode_reqs"]

@@ -13,14 +13,14 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
-from rooflab.data.tables import aggregate_entries, validate_requests
+from rooflab.data.tables import aggregate_entries, validate_requests, with_cache_hits
 
 JOURNEY_NAMES = ("QUEUED", "SCHEDULED", "FIRST_TOKEN", "PREEMPTED", "FINISHED")
 _RANK = {n: i for i, n in enumerate(JOURNEY_NAMES)}
 _FINISH_TO_STATUS = {"stopped": "ok", "stop": "ok", "length": "ok", "aborted": "aborted", "abort": "aborted",
                      "error": "error", "ignored": "ignored"}
 AGGREGATE_COLUMNS = ("prefill_reqs", "prefill_tokens", "prefill_context", "prefill_attn_pairs", "prefill_logits",
-             "decode_reqs", "decode_context")
+             "decode_reqs", "decode_context", "prefill_cached_tokens")
 
 
 @dataclass
@@ -333,13 +333,29 @@ def snapshot_entries(rows: Sequence[tuple], run_id: str) -> pd.DataFrame:
     arr = np.array([r[2:] for r in rows], dtype=np.float64).reshape(-1, 4)
     is_dec, p_eff = entry_phase(arr[:, 0], arr[:, 1], arr[:, 2])
     return pd.DataFrame({"run_id": run_id, "step_id": np.array([r[0] for r in rows], dtype=np.int64),
+                         "request_id": np.array([str(r[1]) for r in rows], dtype=object),
                          "phase": np.where(is_dec, "decode", "prefill"), "tokens": arr[:, 3],
                          "context_before": arr[:, 1], "prompt_tokens": p_eff})
 
 
-def aggregate_by_step(entries: pd.DataFrame | None, run_id: str) -> pd.DataFrame:
+def first_scheduled_steps(journeys: Mapping[str, Sequence[JourneyEvent]]) -> dict[str, int]:
+    """Request id -> the step of its first SCHEDULED event (where vLLM counts its prefix-cache hits)."""
+    out: dict[str, int] = {}
+    for rid, evs in journeys.items():
+        steps = [e.step for e in evs if e.name == "SCHEDULED" and e.step is not None]
+        if steps:
+            out[str(rid)] = min(steps)
+    return out
+
+
+def aggregate_by_step(entries: pd.DataFrame | None, run_id: str,
+                      first_scheduled: Mapping[str, int] | None = None) -> pd.DataFrame:
+    """Per-step aggregates of ``entries``; with ``first_scheduled`` (request id -> step of its first scheduling)
+    they count prefix-cache hits too (``prefill_cached_tokens``), else that column is NaN (unknown)."""
     if entries is None or len(entries) == 0:
         return pd.DataFrame(columns=list(AGGREGATE_COLUMNS), index=pd.Index([], dtype=np.int64, name="step_id"))
     e = entries if "run_id" in entries.columns else entries.assign(run_id=run_id)
+    if first_scheduled is not None:
+        e = with_cache_hits(e, first_scheduled)
     agg = aggregate_entries(e)
     return agg.drop(columns=["run_id"]).set_index("step_id")

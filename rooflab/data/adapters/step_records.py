@@ -8,6 +8,8 @@ step, batch aggregates only) -> step table. The format of ``../shared/data/real/
   decodes' contexts plus the tokens scheduled this step (vLLM allocates their slots at schedule time),
   with half a block of slack per scheduled request; the prefills' earlier chunks are taken as 0 (with a
   2048-token budget most prompts run in one chunk). So Σ decode context ≈ used·16 − T_pf − |D| − 8·B.
+* Prefix-cache hits are not in the records: ``prefill_tokens`` is what vLLM computed (hits excluded), and
+  ``prefill_cached_tokens`` is NaN — unknown, which the fit's data-coverage check reports as such.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ def step_records_to_steps(raw: pd.DataFrame, *, source: str, hardware: str = "H1
     for col in REQUIRED:
         if col not in raw.columns:
             raise InputError(source, col, "required step-record column is missing")
+    dup = raw.duplicated(["experiment_id", "step.id"], keep=False).to_numpy()
+    if dup.any():  # a step recorded twice would be fitted twice (and breaks the cycle times around it)
+        i = int(dup.argmax())
+        raise InputError(source, "experiment_id, step.id", f"step ({raw['experiment_id'].iloc[i]}, "
+                         f"{raw['step.id'].iloc[i]}) appears more than once ({int(dup.sum())} duplicated rows in "
+                         "all): each step must appear once")
     df = raw.sort_values(["experiment_id", "step.id"], kind="stable").reset_index(drop=True)
     run = df["experiment_id"].astype(str).to_numpy()
     sid = df["step.id"].to_numpy(dtype=np.int64)

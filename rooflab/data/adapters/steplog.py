@@ -53,7 +53,7 @@ import numpy as np
 import pandas as pd
 
 from rooflab.data.adapters.inference_perf import read_per_request
-from rooflab.data.tables import aggregate_entries, validate_requests, validate_steps
+from rooflab.data.tables import aggregate_entries, validate_requests, validate_steps, with_cache_hits
 from rooflab.errors import InputError
 from rooflab.files import input_files
 
@@ -271,8 +271,14 @@ def read_steplog(paths: str | Path | Iterable[str | Path], *, run_id: str, model
     entries.insert(0, "run_id", run_id)
     n = len(sids)
     arr = {c: np.full(n, np.nan) for c in ("prefill_reqs", "prefill_tokens", "prefill_context", "prefill_attn_pairs",
-                                          "prefill_logits", "decode_reqs", "decode_context")}
+                                          "prefill_logits", "decode_reqs", "decode_context", "prefill_cached_tokens")}
     if len(entries):
+        # the log holds every step from the engine's start, so a request's first entry is its first scheduling,
+        # where vLLM's num_computed_tokens is its prefix-cache hits
+        first = entries.groupby("engine_request_id")["step_id"].min()
+        hits = with_cache_hits(entries.rename(columns={"engine_request_id": "request_id"}),
+                               {str(k): int(v) for k, v in first.items()})
+        entries["cached_tokens"] = hits["cached_tokens"].to_numpy()
         agg = aggregate_entries(entries, source).set_index("step_id")
         pos = {s: i for i, s in enumerate(sids)}
         idx = np.array([pos[s] for s in agg.index], dtype=np.int64)
