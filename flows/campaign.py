@@ -6,11 +6,18 @@ skips logged iterations.
 Every loop setting comes from the campaign spec (``loop:`` in the YAML); ``overrides`` (the CLI's flags) replace
 some of them for this run and are recorded as MLflow params, so a scheduled deployment and ``rooflab campaign``
 run the same loop unless told otherwise.
+
+Reliability (docs/spec.md §11): the flow holds the campaign's lock in the store for its whole run (a second start
+of the same campaign is refused with ``campaign X is running in pid N on host H since T``); before collecting and
+before fitting it verifies the campaign's runs and quarantines damaged ones (re-collected while their iteration is
+open); and it keeps the loop's :class:`~rooflab.campaign.loop.InputLedger`, so a completed iteration whose inputs
+changed is reported instead of being silently refitted under the same MLflow record.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +32,10 @@ from rooflab.campaign.loop import (
 from rooflab.collect.collector import Launcher
 from rooflab.collect.launchers.factory import close_launcher, make_launcher
 from rooflab.collect.spec import Campaign, load_campaign
-from rooflab.data.store import Store, StorePlans, engine_scope, run_sources
+from rooflab.data.locks import Claim
+from rooflab.data.store import CampaignCheck, Store, StorePlans, engine_scope, run_sources
 from rooflab.data.sweep import SweepPoint
+from rooflab.errors import InputError
 from rooflab.fit.calibration import Calibration, Options
 from rooflab.model.provenance import current_command
 from rooflab.targeting.strategies import Spend, make_targeting
@@ -46,13 +55,38 @@ class FlowSteps(CampaignSteps):
     tracking: TrackingStore
     parent_run: str
     work: Path  # local folder for plots and artifact files
+    report: Callable[[str], None] = print
+    lock: Claim | None = None  # the campaign's lock, held for the whole run
+    points: dict[int, list[SweepPoint]] = field(default_factory=dict)  # each iteration's, as collected
+    fitted: dict[str, str] = field(default_factory=dict)  # the runs the last calibration fitted -> fingerprint
+
+    def verify(self) -> CampaignCheck:
+        """Check the campaign's runs; quarantine the damaged ones (one warning line each)."""
+        check = self.store.verify_campaign(self.campaign.name)
+        for q in check.quarantined:
+            self.report(f"warning: {q.line()}")
+        for line in check.busy:
+            self.report(f"warning: run {line}: left in place, another process holds it")
+        return check
+
+    def check_lock(self) -> None:
+        """Stop if another process took the campaign's lock over (it judged this one dead: another host whose
+        heartbeat stalled): two writers of one campaign must not go on."""
+        if self.lock is not None and not self.lock.held():
+            raise InputError(None, None, f"campaign {self.campaign.name}: this process lost the campaign's lock to "
+                             "another process (its heartbeat was judged stale); stopping")
 
     def collect(self, iteration: int, points: list[SweepPoint]) -> CollectOutcome:
         c = self.campaign
+        self.check_lock()
+        self.points[iteration] = points
+        self.verify()  # a damaged run of this iteration is quarantined here and collected again below
         prog = collect_points(self.store, self.launcher, c.name, points, concurrency=c.collection.concurrency,
                               max_retries=c.collection.max_retries, replicates=c.replicates)
+        for line in prog.warnings:
+            self.report(f"warning: {line}")
         reasons = tuple(sorted({str(m.get("reason", "")) for m in prog.runs if m["status"] == "failed"}))
-        return CollectOutcome(prog.done + prog.skipped, prog.failed, reasons)
+        return CollectOutcome(prog.done + prog.skipped, prog.failed, reasons, tuple(prog.leased))
 
     def collected_keys(self) -> set[str]:
         return self.store.collected_keys(self.campaign.name)
@@ -68,14 +102,39 @@ class FlowSteps(CampaignSteps):
     def calibrate(self, iteration: int) -> Calibration:
         loop = self.campaign.loop
         options = Options(variant=loop.variant, formulas=loop.formulas, n_boot=loop.n_boot)
+        check = self.verify()
+        if check.quarantined and iteration in self.points:  # damaged since collection: collect them again, once
+            got = self.collect(iteration, self.points[iteration])
+            if got.busy:
+                raise InputError(None, None, f"campaign {self.campaign.name}: iteration {iteration}: {got.busy[0]}")
+            check = self.verify()
+        self.fitted = dict(check.good)
         return calibrate_from_store(str(self.store.root), self.campaign.name, options,
-                                    str(self.work / f"iter-{iteration}" / "plots"))
+                                    str(self.work / f"iter-{iteration}" / "plots"), sorted(check.good))
+
+    def fit_inputs(self) -> dict[str, str]:
+        return dict(self.fitted)
+
+    def missing_reason(self, run_id: str) -> str:
+        quarantined = self.store.quarantine_reason(run_id)
+        if quarantined:
+            return quarantined
+        try:
+            m = self.store.manifest(run_id)
+        except InputError as exc:
+            return f"its manifest is damaged ({exc.problem})"
+        if m is not None:
+            return f"its status is now {m['status']}"
+        if self.store.run_dir(run_id).path.exists():
+            return f"runs/{run_id}/manifest.json is missing (deleted, or the run is being redone)"
+        return f"runs/{run_id} is gone from the store"
 
     def replay_error(self, calib: Calibration) -> dict[str, Any]:
         return heldout_replay_error(str(self.store.root), self.campaign.name, calib)
 
     def record(self, record: IterationRecord) -> None:
         assert record.calibration is not None  # the flow's calibrate step always fits (or raises)
+        self.check_lock()
         runs = record.calibration.beta.runs
         log_iteration(self.tracking, self.parent_run, record.iteration, record.calibration, stop=record.stop,
                       picks=record.picks, gpu_seconds=record.spend.total_s,
@@ -86,13 +145,24 @@ class FlowSteps(CampaignSteps):
 
 @flow(name="rooflab-campaign", log_prints=True)
 def campaign_flow(campaign: str = "demo", store: str = "store", mlruns: str = "mlruns",
-                  launcher: str = "inference-perf", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                  launcher: str = "inference-perf", overrides: dict[str, Any] | None = None,
+                  accept_changed_inputs: bool = False) -> dict[str, Any]:
     """Run (or resume) a campaign until the stop rule. ``overrides``: loop settings that replace the spec's
-    (``batch_size``, ``max_iterations``, ``variant``, ``formulas``, ``targeting``, ``n_boot``, ``replay_stop``)."""
+    (``batch_size``, ``max_iterations``, ``variant``, ``formulas``, ``targeting``, ``n_boot``, ``replay_stop``).
+    ``accept_changed_inputs``: go on when a completed iteration's inputs changed (see
+    :mod:`rooflab.campaign.loop`)."""
     camp = load_campaign(campaign)
     if overrides:
         camp = camp.with_loop(**overrides)
     st = Store(store)
+    with st.campaign_lock(camp.name) as lock:
+        if lock.previous is not None:
+            print(f"warning: campaign {camp.name}: took over the stale lock of {lock.previous.describe()}")
+        return _run(camp, st, mlruns, launcher, overrides, accept_changed_inputs, lock)
+
+
+def _run(camp: Campaign, st: Store, mlruns: str, launcher: str, overrides: dict[str, Any] | None,
+         accept_changed_inputs: bool, lock: Claim) -> dict[str, Any]:
     lau = make_launcher(camp, launcher, st.root)
     ts = open_tracking(Path(mlruns))
     loop = camp.loop
@@ -100,9 +170,11 @@ def campaign_flow(campaign: str = "demo", store: str = "store", mlruns: str = "m
         "campaign": camp.name, "launcher": launcher, "budget_gpu_hours": camp.budget_gpu_hours,
         "combos": ", ".join(f"{c.model}/tp{c.tp}" for c in camp.combos), **loop.model_dump(),
         "overrides": ", ".join(sorted(overrides or {})) or "none"})
-    steps = FlowSteps(camp, st, lau, ts, parent, Path(mlruns) / "work" / camp.name)
+    steps = FlowSteps(camp, st, lau, ts, parent, Path(mlruns) / "work" / camp.name, lock=lock)
     try:
-        outcome = run_campaign(camp, steps, StorePlans(st, camp.name), make_targeting(loop.targeting, seed=camp.seed))
+        steps.verify()  # before the loop reads the store: damaged runs go to quarantine first
+        outcome = run_campaign(camp, steps, StorePlans(st, camp.name), make_targeting(loop.targeting, seed=camp.seed),
+                               accept_changed_inputs=accept_changed_inputs)
     finally:
         close_launcher(lau)
     spent = steps.spend()

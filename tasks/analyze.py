@@ -14,12 +14,16 @@ from rooflab.replay.heldout import store_replay_error
 
 
 @task(name="calibrate", cache_policy=NO_CACHE)
-def calibrate_from_store(store_root: str, campaign: str, options: Options, plots_dir: str | None = None) -> Calibration:
+def calibrate_from_store(store_root: str, campaign: str, options: Options, plots_dir: str | None = None,
+                         run_ids: list[str] | None = None) -> Calibration:
     """β from the steps of unsaturated runs (saturated runs are kept out of the fit, docs/spec.md §6); α from the
-    requests of all complete runs; held-out (validation split) runs are reported, never fitted."""
+    requests of all complete runs; held-out (validation split) runs are reported, never fitted. ``run_ids``: only
+    these runs (the verified ones, :meth:`rooflab.data.store.Store.verify_campaign`), each checked again as it is
+    read (a one-line error if one changed meanwhile)."""
     store = Store(store_root)
-    steps = store.steps(campaign=campaign, statuses=("ok",))
-    requests = store.requests(campaign=campaign, statuses=("ok", "saturated"))
+    only: dict[str, Any] = {} if run_ids is None else {"run_id": list(run_ids), "verify": True}
+    steps = store.steps(campaign=campaign, statuses=("ok",), **only)
+    requests = store.requests(campaign=campaign, statuses=("ok", "saturated"), **only)
     return calibrate(steps, requests if len(requests) else None, options,
                      plots_dir=Path(plots_dir) if plots_dir else None)
 

@@ -5,6 +5,7 @@ run is per thread, so nothing here uses ``mlflow.start_run``), and one experimen
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Experiment, Run, ViewType
 from mlflow.exceptions import MlflowException
 
+from rooflab.data.locks import file_lock
 from rooflab.errors import InputError
 
 EXPERIMENT_PREFIX = "rooflab/"
@@ -46,12 +48,20 @@ class TrackingStore:
 
 
 def open_tracking(root: Path | str = Path("mlruns")) -> TrackingStore:
-    """The tracking store under ``root`` (created if missing)."""
+    """The tracking store under ``root`` (created if missing). Creating the database (MLflow's schema and its
+    migrations) is not safe for two processes at once, so the client is created and made to open its stores under
+    an inter-process lock, ``<root>/.lock``: two campaigns starting together on a new ``mlruns/`` both succeed."""
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     artifact_root(root).mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(root)
-    return TrackingStore(root, MlflowClient(tracking_uri=uri, registry_uri=uri))
+    if (root / "mlflow.db").is_file() and not os.access(root, os.W_OK):  # read-only (rooflab compare): no lock
+        return TrackingStore(root, MlflowClient(tracking_uri=uri, registry_uri=uri))
+    with file_lock(root / ".lock"):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # may open the store (and create it) at once
+        client.search_experiments(max_results=1)  # forces the tracking store (schema creation, migrations)
+        client.search_registered_models(max_results=1)  # and the model registry's, on the same database
+    return TrackingStore(root, client)
 
 
 def existing_tracking(root: Path | str) -> TrackingStore:

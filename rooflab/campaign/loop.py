@@ -7,13 +7,21 @@ Resumable by construction: each iteration's plan (its picks) is saved through th
 is collected and marked complete after it is recorded; collection skips complete runs; recording skips recorded
 iterations; calibration is deterministic given the data. Killing the process anywhere and calling again
 continues where it was, with no run collected twice and no iteration recorded twice.
+
+Inputs of completed iterations are guarded (docs/spec.md §11). When the steps also keep an :class:`InputLedger`
+(the flow does), each completed plan records the runs its calibration fitted (run id → fingerprint of its status
+and table checksums). A later calibration that no longer has one of them, or has it changed (a run deleted,
+quarantined as damaged, re-collected with other data), would fit a different answer than the one recorded under
+that iteration in MLflow: the loop stops with a one-line error naming the run and why, unless called with
+``accept_changed_inputs`` — then it says so, records the change in the plans, and goes on fitting the data the
+store holds now (the completed iterations' records stay what they were: true of the data they had).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from rooflab.collect.spec import Campaign
 from rooflab.data.sweep import SweepPoint
@@ -29,6 +37,8 @@ class CollectOutcome:
     ok: int  # runs complete (ok or saturated)
     failed: int
     reasons: tuple[str, ...] = ()  # one line per distinct failure
+    busy: tuple[str, ...] = ()  # runs another process is collecting ("run R is leased by pid N on host H ...")
+    pending: tuple[str, ...] = ()  # runs collected outside rooflab (a person, a cluster job) and not in yet
 
 
 @dataclass
@@ -71,6 +81,19 @@ class CampaignSteps(Protocol):
     def record(self, record: IterationRecord) -> None: ...
 
 
+@runtime_checkable
+class InputLedger(Protocol):
+    """Optional, on the :class:`CampaignSteps`: what each calibration fitted, to guard completed iterations."""
+
+    def fit_inputs(self) -> dict[str, str]:
+        """The runs the last :meth:`CampaignSteps.calibrate` fitted: run id -> fingerprint."""
+        ...
+
+    def missing_reason(self, run_id: str) -> str:
+        """Why ``run_id`` is not among the fitted runs now (one line: quarantined to …, manifest missing, …)."""
+        ...
+
+
 class PlanBook(Protocol):
     """Where iteration plans persist: ``{"iteration", "points": [Pick.to_dict()], "complete", ...}``."""
 
@@ -101,6 +124,7 @@ class CampaignOutcome:
     stop_reason: str
     spend: Spend
     records: list[IterationRecord] = field(default_factory=list)  # iterations completed by this call
+    waiting: tuple[str, ...] = ()  # the pending runs (CollectOutcome.pending) the loop paused for: call again later
 
     @property
     def converged(self) -> bool:
@@ -115,10 +139,46 @@ def _beta_line(calib: Calibration) -> str:
     return " ".join(f"{n}={v:.3g}" for n, v in zip(calib.beta.names, calib.beta.beta))
 
 
+def _changed_inputs(name: str, saved: dict[int, dict[str, Any]], ledger: InputLedger, plans: PlanBook, *,
+                    accept: bool, report: Callable[[str], None]) -> list[str]:
+    """Check the inputs recorded by completed iterations against those just fitted (see the module doc)."""
+    now = ledger.fit_inputs()
+    problems: dict[int, list[str]] = {}
+    for i, plan in sorted(saved.items()):
+        if not plan.get("complete"):
+            continue
+        for rid, fp in sorted((plan.get("inputs") or {}).items()):
+            if rid not in now:
+                problems.setdefault(i, []).append(f"run {rid} is missing: {ledger.missing_reason(rid)}")
+            elif now[rid] != fp:
+                problems.setdefault(i, []).append(f"run {rid} changed (its status or tables differ from those fitted)")
+    if not problems:
+        return []
+    first = min(problems)
+    n = sum(len(v) for v in problems.values())
+    head = (f"campaign {name}: iteration {first} (complete, recorded in MLflow) was fitted on data the store no longer "
+            f"holds: {problems[first][0]}" + (f" (+{n - 1} more)" if n > 1 else ""))
+    if not accept:
+        raise InputError(None, None, f"{head}; continuing would fit a different answer under the same record. "
+                         "Restore the run, or resume accepting the change (rooflab campaign --accept-changed-inputs) "
+                         "to fit the data the store holds now in new iterations")
+    report(f"warning: {head}; accepted: new iterations fit the data the store holds now")
+    for i, lines in problems.items():
+        plan = saved[i]
+        inputs = {r: now[r] for r in plan.get("inputs") or {} if r in now}
+        plans.save(i, {**plan, "inputs": inputs, "inputs_changed": list(plan.get("inputs_changed") or []) + lines})
+    return [line for lines in problems.values() for line in lines]
+
+
 def run_campaign(campaign: Campaign, steps: CampaignSteps, plans: PlanBook, targeting: Targeting, *,
-                 report: Callable[[str], None] = print) -> CampaignOutcome:
+                 report: Callable[[str], None] = print, accept_changed_inputs: bool = False,
+                 decide: Callable[..., StopDecision] = stop_rule) -> CampaignOutcome:
     """Run (or resume) ``campaign`` until it stops. Settings come from ``campaign.loop`` and the campaign's
-    budget; ``report`` gets one line per event (the flow's log, the CLI's output)."""
+    budget; ``report`` gets one line per event (the flow's log, the CLI's output). ``accept_changed_inputs``: go
+    on when a completed iteration's inputs changed (see the module doc) instead of stopping with an error.
+    ``decide``: the stop rule, called like :func:`rooflab.targeting.stop.stop_rule` (onboarding passes its own).
+    A collection with ``pending`` runs (collected outside rooflab) pauses the loop: it returns with ``waiting`` set,
+    and a later call resumes that iteration."""
     loop = campaign.loop
     budget_s = campaign.budget_gpu_hours * 3600 if campaign.budget_gpu_hours else None
     heldout = tuple(sorted({c.model for c in campaign.validation_combos}))
@@ -139,13 +199,25 @@ def run_campaign(campaign: Campaign, steps: CampaignSteps, plans: PlanBook, targ
         points = _points(saved[it])
         report(f"iteration {it}: collecting {len(points)} runs")
         got = steps.collect(it, points)
+        if got.busy:
+            raise InputError(None, None, f"campaign {campaign.name}: iteration {it}: {len(got.busy)} run(s) are being "
+                             f"collected by another process ({got.busy[0]}); run the campaign again when they are done")
+        if got.pending:  # collected outside rooflab: pause until they are in (a later call resumes here)
+            report(f"iteration {it}: waiting for {len(got.pending)} run(s) collected outside rooflab")
+            outcome.waiting = got.pending
+            break
         if not steps.has_fit_data():
             raise InputError(None, "campaign", f"{campaign.name}: no unsaturated run has completed, nothing to "
                              f"calibrate ({got.failed} failed: {'; '.join(got.reasons)[:300]})")
         spend = steps.spend()
         calib = steps.calibrate(it)
+        ledger = steps if isinstance(steps, InputLedger) else None
+        changed = _changed_inputs(campaign.name, saved, ledger, plans, accept=accept_changed_inputs,
+                                  report=report) if ledger is not None else []
+        if changed:
+            saved = {int(p["iteration"]): p for p in plans.plans()}
         replay = steps.replay_error(calib) if (loop.replay_stop and calib is not None) else None
-        stop = stop_rule(calib, gpu_seconds_spent=spend.total_s, budget_gpu_seconds=budget_s, iteration=it + 1,
+        stop = decide(calib, gpu_seconds_spent=spend.total_s, budget_gpu_seconds=budget_s, iteration=it + 1,
                          max_iterations=loop.max_iterations, required=required, heldout_models=heldout,
                          replay=replay)
         nxt: list[Pick] = []
@@ -163,7 +235,9 @@ def run_campaign(campaign: Campaign, steps: CampaignSteps, plans: PlanBook, targ
         plans.save(it, {**saved[it], "complete": True, "stop": stop.stop, "stop_reason": stop.reason,
                         "gpu_seconds": spend.total_s, "train_mape": (acc.get("train") or {}).get("mape"),
                         "validation_mape": (acc.get("validation") or {}).get("mape"),
-                        "beta": calib.beta.coefficients() if calib is not None else None})
+                        "beta": calib.beta.coefficients() if calib is not None else None,
+                        **({"inputs": ledger.fit_inputs()} if ledger is not None else {}),
+                        **({"inputs_changed": changed} if changed else {})})
         val = (acc.get("validation") or {}).get("mape")
         line = (f"iteration {it}: {got.ok} runs ok, {got.failed} failed; GPU-h {spend.total_s / 3600:.3f}"
                 + (f" of {campaign.budget_gpu_hours:g}" if campaign.budget_gpu_hours else ""))

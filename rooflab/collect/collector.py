@@ -8,6 +8,11 @@ when the failure is transient (timeout, server exit) — a deterministic failure
 bad config) is recorded once with its reason. Every finished run gets step-level and run-level
 saturation routing in its manifest.
 
+Several collectors may share one store (two ``rooflab collect`` of one design, a work pool): a run is worked on
+only under its lease (:meth:`rooflab.data.store.Store.lease`). A run another live process holds is skipped and
+reported (status ``leased``: "run R is leased by pid N on host H since T"); a stale lease (its owner died) is taken
+over with a warning. A run whose manifest is damaged is quarantined and redone.
+
 Runs go through a :class:`RunExecutor`: by default a thread pool in this process; the Prefect flow passes one
 that submits each run as a Prefect task (``tasks/launch.py``), so the UI shows every run, while the retry and
 concurrency policy stays here.
@@ -15,6 +20,7 @@ concurrency policy stays here.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,11 +30,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rooflab.collect.launchers import RunResult, one_line
+from rooflab.data.locks import Claim
 from rooflab.data.saturation import route_run, route_steps, routing_counts
-from rooflab.data.store import COMPLETE, RunDir, Store
+from rooflab.data.store import COMPLETE, LEASED, RunDir, RunLeased, Store
 from rooflab.data.sweep import SweepPoint, run_id
+from rooflab.errors import InputError
 
 Manifest = dict[str, Any]
+log = logging.getLogger("rooflab.collect")
+_IN_FLIGHT: set[tuple[str, str]] = set()  # (store, run id) being run by a thread of this process
+_IN_FLIGHT_LOCK = threading.Lock()
 
 
 class Launcher(Protocol):
@@ -88,15 +99,18 @@ class Progress:
     failed: int = 0
     gpu_seconds: float = 0.0
     runs: list[Manifest] = field(default_factory=list)  # manifests written this call
+    leased: list[str] = field(default_factory=list)  # "run R is leased by pid N on host H since T", one per run
+    warnings: list[str] = field(default_factory=list)  # one line each: stale leases taken over, quarantined runs
 
     @property
     def remaining(self) -> int:
-        return self.total - self.done - self.skipped - self.failed
+        return self.total - self.done - self.skipped - self.failed - len(self.leased)
 
 
 def plan(campaign: str, points: list[SweepPoint], replicates: int = 1) -> list[tuple[str, SweepPoint, int]]:
-    """(run_id, point, replicate) for every run of the design, in design order."""
-    return [(run_id(campaign, p, r), p, r) for p in points for r in range(replicates)]
+    """(run_id, point, replicate) for every run of the design, in design order (a repeated point once)."""
+    out = {run_id(campaign, p, r): (p, r) for p in points for r in range(replicates)}
+    return [(rid, p, r) for rid, (p, r) in out.items()]
 
 
 def _routing(result: RunResult) -> tuple[dict[str, Any], bool]:
@@ -108,11 +122,55 @@ def _routing(result: RunResult) -> tuple[dict[str, Any], bool]:
     return {"run": run_routing.to_dict(), "counts": counts}, bool(run_routing.saturated)
 
 
+def leased(rid: str, reason: str) -> Manifest:
+    """What :func:`run_one` returns for a run that another live process holds (no manifest is written)."""
+    return {"run_id": rid, "status": LEASED, "reason": reason, "gpu_seconds": 0.0}
+
+
 def run_one(store: Store, launcher: Launcher, campaign: str, rid: str, point: SweepPoint, replicate: int, *,
             max_retries: int = 2) -> Manifest | None:
     """Bring one run to a final state in the store, retrying transient failures up to ``max_retries``
-    attempts in total; returns the manifest written (None if untouched: complete, or failed for good)."""
-    status = store.status(rid)
+    attempts in total; returns the manifest written, None if untouched (complete, or failed for good), or a
+    :func:`leased` record when another live process holds the run."""
+    try:
+        if store.status(rid) in COMPLETE:
+            return None
+    except InputError:
+        pass  # a damaged manifest: decided under the lease below
+    key = (str(store.root), rid)
+    with _IN_FLIGHT_LOCK:
+        if key in _IN_FLIGHT:
+            return leased(rid, f"run {rid} is being collected by another thread of this process")
+        _IN_FLIGHT.add(key)
+    try:
+        try:
+            lease = store.lease(rid)
+        except RunLeased as exc:
+            return leased(rid, exc.problem)
+        try:
+            return _run_leased(store, launcher, campaign, rid, point, replicate, max_retries, lease)
+        except RunLeased as exc:  # our lease was taken over while the launcher ran: nothing was recorded
+            return leased(rid, exc.problem)
+        finally:
+            lease.release()
+    finally:
+        with _IN_FLIGHT_LOCK:
+            _IN_FLIGHT.discard(key)
+
+
+def _run_leased(store: Store, launcher: Launcher, campaign: str, rid: str, point: SweepPoint, replicate: int,
+                max_retries: int, lease: Claim) -> Manifest | None:
+    notes = []
+    if lease.previous is not None:
+        notes.append(f"run {rid}: took over the stale lease of {lease.previous.describe()}")
+    try:  # read again under the lease: another process may have finished the run meanwhile
+        status = store.status(rid)
+    except InputError as exc:
+        q = store.quarantine(rid, str(exc), lease=lease)
+        notes.append(q.line())
+        status = None
+    for line in notes:
+        log.warning(line)
     if status in COMPLETE:
         return None
     attempt = 0
@@ -125,13 +183,15 @@ def run_one(store: Store, launcher: Launcher, campaign: str, rid: str, point: Sw
     manifest = None
     while attempt < max_retries:
         attempt += 1
-        rd = store.begin(rid, point, campaign, replicate, attempt)
+        rd = store.begin(rid, point, campaign, replicate, attempt, lease=lease)
         started = datetime.now(UTC).isoformat()
         try:
             result = launcher.run(point, rd)
         except Exception as exc:  # a launcher bug or an unexpected server answer: recorded, never lost
             result = RunResult("failed", one_line(exc), transient=False)
         extra = {"transient": result.transient, **result.extra}
+        if notes:
+            extra["warnings"] = notes
         status = result.status
         if status == "ok":
             routing, saturated = _routing(result)
@@ -164,16 +224,34 @@ def collect(store: Store, launcher: Launcher, campaign: str, points: list[SweepP
     lock = threading.Lock()
     pending = []
     for rid, p, r in todo:
-        if store.status(rid) in COMPLETE:
+        try:
+            complete = store.status(rid) in COMPLETE
+        except InputError:  # a damaged manifest: the run quarantines and redoes it
+            complete = False
+        if complete:
             progress.skipped += 1
         else:
             pending.append(RunJob(str(Path(store.root)), launcher, campaign, rid, p, r, max_retries))
     if on_progress:
         on_progress(progress)
 
-    def account(manifest: Manifest | None) -> None:
+    def account(rid: str, manifest: Manifest | None) -> None:
+        if manifest is None:  # untouched: completed meanwhile (by another process), or failed for good
+            try:
+                complete = store.status(rid) in COMPLETE
+            except InputError:
+                complete = False
+        if manifest is not None and manifest["status"] == LEASED:
+            with lock:
+                progress.leased.append(str(manifest["reason"]))
+            if on_progress:
+                on_progress(progress)
+            return
         with lock:
-            if manifest is None or manifest["status"] == "failed":
+            progress.warnings += list((manifest or {}).get("warnings", []))
+            if manifest is None and complete:
+                progress.skipped += 1
+            elif manifest is None or manifest["status"] == "failed":
                 progress.failed += 1  # failed now, or earlier and out of retries (or not retryable)
             else:
                 progress.done += 1
@@ -190,8 +268,9 @@ def collect(store: Store, launcher: Launcher, campaign: str, points: list[SweepP
     try:
         step = max(1, concurrency)
         for i in range(0, len(pending), step):
-            for handle in [ex.submit(job) for job in pending[i:i + step]]:
-                account(handle.result())
+            batch = pending[i:i + step]
+            for job, handle in zip(batch, [ex.submit(job) for job in batch]):
+                account(job.run_id, handle.result())
     finally:
         if own and isinstance(ex, ThreadExecutor):
             ex.shutdown()

@@ -4,17 +4,44 @@ Same run folder layout and tables as a real run: the tables come from the engine
 times, server-clock lifecycles); traces are written only on request (``traces=True``), since full
 per-request snapshots cost ~0.3 ms per step. GPU-seconds = simulated span (first arrival to last
 departure) × TP.
+
+The tables do not depend on whether traces are written: a traced step also samples the scheduler's CPU time
+(the trace's ``step.duration_us``), which must not consume the truth model's random stream (its step-time noise,
+stragglers, MoE routing and request overheads). So that sample comes from a second truth model of its own seed
+(:class:`_TracedTimer`), and one run id holds the same tables with and without ``--direct-traces``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from rooflab.collect.launchers import RunResult
 from rooflab.data.store import RunDir
 from rooflab.data.sweep import SweepPoint
 from rooflab.model.arch import load_model
 from rooflab.model.hardware import load_hardware
+
+if TYPE_CHECKING:
+    from rooflab.twin.truth import TruthModel
+
+
+CPU_SEED_OFFSET = 0x5EED  # the scheduler-CPU sampler's seed: the point's seed + this
+
+
+class _TracedTimer:
+    """The engine's step timer when traces are written: step times from the truth model, the scheduler CPU time
+    of each traced step from a separate sampler (see the module doc)."""
+
+    def __init__(self, truth: TruthModel, cpu: TruthModel):
+        self.truth, self.cpu = truth, cpu
+
+    def step_time_us(self, decode_contexts: np.ndarray, prefills: list[tuple[int, int, int]], n_logits: int) -> float:
+        return float(self.truth.step_time_us(decode_contexts, prefills, n_logits))
+
+    def scheduler_cpu_us(self, n_requests: int) -> float:
+        return float(self.cpu.scheduler_cpu_us(n_requests))
 
 
 class DirectLauncher:
@@ -38,7 +65,9 @@ class DirectLauncher:
         seed = point.seed
         truth = TruthModel.from_config(hw.name, arch, point.tp, seed=seed)
         options: dict[str, Any] = dict(point.engine)
-        engine = Engine(arch, hw, point.tp, truth, EngineConfig(**options), seed=seed)
+        timer = truth if not self.traces else _TracedTimer(
+            truth, TruthModel.from_config(hw.name, arch, point.tp, seed=seed + CPU_SEED_OFFSET))
+        engine = Engine(arch, hw, point.tp, timer, EngineConfig(**options), seed=seed)
         reqs = point_requests(point, seed=seed)
         if self.traces:
             with TraceWriter(rd.sub("traces", "traces.jsonl"), seed=seed) as w:
