@@ -77,11 +77,16 @@ def collect(
                                on_progress=show)
         finally:
             close_launcher(lau)
+    for line in prog.warnings:  # stale leases taken over, damaged runs quarantined
+        print(f"warning: {line}")
     failed = [m for m in st.manifests() if m["campaign"] == camp.name and m["status"] == "failed"]
     for m in failed[:10]:
         print(f"failed: {m['run_id']} {m['point']['family']} {m['model']} tp{m['tp']}: {m['reason']}")
-    print(f"collected {prog.done}, already complete {prog.skipped}, failed {prog.failed}; "
-          f"store holds {st.gpu_seconds(campaign=camp.name) / 3600:.3f} GPU-hours for {camp.name}")
+    for line in prog.leased[:10]:
+        print(f"skipped: {line}")
+    print(f"collected {prog.done}, already complete {prog.skipped}, failed {prog.failed}"
+          + (f", {len(prog.leased)} held by another process (run this again when it is done)" if prog.leased else "")
+          + f"; store holds {st.gpu_seconds(campaign=camp.name) / 3600:.3f} GPU-hours for {camp.name}")
     if prog.failed:
         raise typer.Exit(1)
 
@@ -100,6 +105,9 @@ def campaign_cmd(
     replay_stop: bool | None = typer.Option(None, "--replay-stop/--no-replay-stop",
                                                help="override loop.replay_stop: the stop rule also requires the "
                                                     "held-out request-level replay error within its targets"),
+    accept_changed_inputs: bool = typer.Option(False, help="go on when a completed iteration's fitted runs changed "
+                                                           "(deleted, quarantined, re-collected): new iterations fit "
+                                                           "the data the store holds now, and the change is recorded"),
 ):
     """Run the active-learning campaign (Prefect flow, MLflow tracking) until the stop rule. Resumable. The loop
     settings come from the campaign's `loop:` section; a flag overrides one for this run."""
@@ -122,8 +130,14 @@ def campaign_cmd(
 
     print(f"campaign {camp.name}: " + ", ".join(f"{k} {v}" for k, v in camp.loop.model_dump().items())
           + (f" (overridden: {', '.join(sorted(overrides))})" if overrides else ""))
-    result = campaign_flow(campaign=campaign, store=str(store), mlruns=str(mlruns),
-                           launcher="direct" if fast else "inference-perf", overrides=overrides)
+    from rooflab.data.store import Store
+
+    # the campaign lock before Prefect starts: a second start is refused in one line, at once (the flow takes the
+    # same lock again, nested in this process)
+    with Store(store).campaign_lock(camp.name):
+        result = campaign_flow(campaign=campaign, store=str(store), mlruns=str(mlruns),
+                               launcher="direct" if fast else "inference-perf", overrides=overrides,
+                               accept_changed_inputs=accept_changed_inputs)
     print()
     print(f"campaign {result['campaign']}: {result['iterations']} iterations, "
           f"{result['gpu_hours']:.3f} GPU-hours, stopped: {result['stop_reason']}")
@@ -132,6 +146,10 @@ def campaign_cmd(
     if len(table):
         print(compare_table(table))
     print()
+    if result.get("blis_coefficients"):
+        print(f"BLIS coefficients:   {result['blis_coefficients']}  (the last calibration, BLIS defaults.yaml layout)")
+        print(f"provenance record:   {result['provenance']}")
+        print(f"rooflab coefficients: {result['coefficients']}  (replay with `rooflab replay --coefficients ...`)")
     print(f"open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {ts.uri} --port 5000")
     print(f"compare campaigns:   .venv/bin/rooflab compare {result['campaign']}")
 
@@ -181,12 +199,27 @@ def _design_points(camp, design: str):
 
 @app.command()
 def compare(
-    campaigns: list[str] | None = typer.Argument(None, help="campaign names (default: all in the store)"),
+    campaigns: list[str] | None = typer.Argument(None, help="campaign names (default: all in the store); with "
+                                                 "--baseline: the campaign whose held-out runs to replay"),
     mlruns: Path = typer.Option(Path("mlruns"), "--mlruns", help="the MLflow store folder (holds mlflow.db)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON records instead of a table"),
+    baseline: str | None = typer.Option(None, "--baseline", help="compare two coefficient sets on the same held-out "
+                                        "data: the 'before' set — champion | challenger | a version number of the "
+                                        "registered model | a coefficients file"),
+    candidate: str = typer.Option("challenger", "--candidate", help="--baseline: the 'after' set (same forms)"),
+    store: Path = typer.Option(Path("store"), "--store", help="--baseline: the data store whose validation runs "
+                               "of the campaign are the held-out data"),
+    registered_model: str | None = typer.Option(None, "--registered-model", help="--baseline: the registered "
+                                                "model (default: the campaign's scope in --store)"),
+    requests: list[str] | None = typer.Option(None, "--requests", help="--baseline: held-out request traces "
+                                              "instead of the store's validation runs (as for `rooflab replay`)"),
 ):
     """Compare campaigns tracked in MLflow: β with intervals, validation MAPE, GPU-hours, stop reason per
-    iteration."""
+    iteration. With --baseline: before/after of two coefficient sets (registered versions or files) replayed on the
+    same held-out runs, and the registry's promotion verdict."""
+    if baseline is not None:
+        _compare_sets(campaigns or [], mlruns, baseline, candidate, store, registered_model, requests, as_json)
+        return
     from tracking.compare import compare as compare_campaigns
     from tracking.store import existing_tracking
 
@@ -222,3 +255,64 @@ def compare_table(df) -> str:
     widths = [max(len(x) for x in col) for col in zip(header, *rows)]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip()
                      for line in [header, ["-" * w for w in widths], *rows])
+
+
+def _compare_sets(campaigns: list[str], mlruns: Path, baseline: str, candidate: str, store: Path,
+                  registered_model: str | None, requests: list[str] | None, as_json: bool) -> None:
+    """``rooflab compare --baseline``: both sets replayed on the same held-out traces, per run and metric the APE
+    of the run's mean before and after, and the promotion rule's verdict (:mod:`rooflab.replay.promotion`)."""
+    from rooflab.data.store import Store
+    from rooflab.data.trace_readers import read_store_trace
+    from rooflab.replay.promotion import before_after, decide, heldout_comparisons, run_error
+    from tracking.registry import campaign_scope, registered_name, resolve_coefficients
+    from tracking.store import existing_tracking
+
+    if len(campaigns) > 1:
+        raise InputError(None, "CAMPAIGN", "--baseline compares on one campaign's held-out runs; name at most one")
+    campaign = campaigns[0] if campaigns else None
+    name = registered_model
+    if name is None and campaign is not None and (store / "runs").is_dir():
+        name = registered_name(campaign_scope(store, campaign))
+    ts = existing_tracking(mlruns) if (mlruns / "mlflow.db").is_file() else None
+    before, before_label = resolve_coefficients(ts, name, baseline)
+    after, after_label = resolve_coefficients(ts, name, candidate)
+    if requests:
+        from cli.replay_inputs import load_traces
+
+        traces = [tr for tr, _ in load_traces(requests, root=None, prefix="prompt", model=None, tp=None,
+                                              hardware=None, engine={})]
+        where = f"{len(traces)} request trace(s)"
+    else:
+        if campaign is None:
+            raise InputError(None, "CAMPAIGN", "--baseline needs the campaign whose validation runs to replay "
+                                               "(or --requests)")
+        st = Store(store)
+        ids = st.runs(campaign=campaign, split="validation")["run_id"].astype(str).tolist()
+        if not ids:
+            raise InputError(store, "split", f"campaign {campaign} has no complete validation run to compare on")
+        traces = [read_store_trace(st, rid) for rid in ids]
+        where = f"{len(traces)} validation run(s) of campaign {campaign} in {store}"
+    b, c = heldout_comparisons(traces, before), heldout_comparisons(traces, after)
+    table = before_after(b, c)
+    decision = decide({r: run_error(x) for r, x in b.items()}, {r: run_error(x) for r, x in c.items()})
+    if as_json:
+        print(json_dumps({"baseline": before_label, "candidate": after_label, "held_out": where,
+                          "per_metric": table.to_dict(orient="records"), "decision": decision.to_dict()}))
+        return
+    print(f"baseline (before): {before_label}")
+    print(f"candidate (after): {after_label}")
+    print(f"held-out data: {where}")
+    print("APE of the run's mean, per run and metric:")
+
+    def pct(v: float) -> str:
+        return "-" if v != v else f"{100 * v:.2f}%"
+
+    rows = [[str(r.run), r.metric.upper(), pct(r.baseline), pct(r.candidate),
+             "-" if r.difference != r.difference else f"{100 * r.difference:+.2f}"] for r in table.itertuples()]
+    header = ["run", "metric", "before", "after", "after − before (points)"]
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    for line in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
+    print()
+    print("under the registry's promotion rule (after = challenger, before = champion):")
+    print(decision.markdown().rstrip())

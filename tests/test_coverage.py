@@ -148,3 +148,28 @@ def test_the_steplog_reports_prefix_cache_hits_from_the_first_scheduling(tmp_pat
     steps = read_steplog(p, run_id="r", model="llama-3.1-8b", tp=1, hardware="H100-SXM").steps.set_index("step_id")
     assert steps["prefill_cached_tokens"].tolist() == [0.0, 48.0, 0.0]
     assert steps["prefill_tokens"].tolist() == [64.0, 56.0, 0.0]
+
+
+def test_an_overhead_near_zero_passes_its_cv_only_when_its_interval_barely_moves_a_step(no_prefill):
+    """The CV of an overhead β near 0 is meaningless; the stop rule accepts it when the half-width of its 90%
+    interval times the P90 of its feature / step time is < 2%, and not when that effect is large."""
+    import dataclasses
+
+    from rooflab.targeting.stop import MAX_OVERHEAD_EFFECT
+
+    cov = no_prefill.coverage
+    fit = no_prefill.beta
+    j = fit.names.index("beta6")
+    half = (fit.upper[j] - fit.lower[j]) / 2
+    assert half > 0
+    # a CV far above 30%, as a per-request overhead near 0 has
+    health = [dataclasses.replace(c, value=1.3) if (c.check, c.target) == ("bootstrap CV", "beta6") else c
+              for c in no_prefill.health]
+    for effect, met in ((0.5 * MAX_OVERHEAD_EFFECT, True), (5 * MAX_OVERHEAD_EFFECT, False)):
+        unit = {**cov.unit_effect_p90, "beta6": effect / half}
+        calib = dataclasses.replace(no_prefill, health=health,
+                                    coverage=dataclasses.replace(cov, unit_effect_p90=unit))
+        crit = stop_rule(calib, gpu_seconds_spent=0, budget_gpu_seconds=None, iteration=1,
+                         max_iterations=None).criteria["beta6_cv"]
+        assert crit.met is met and crit.text.startswith("beta6 CV 130% > 30%"), (effect, crit.text)
+        assert ("but its 90% interval moves a step by" in crit.text) is met

@@ -3,9 +3,9 @@ statistics behind it (prefill share, prefill tokens per step, prefix-cache hits,
 
 A fit always returns a number for every β; whether the data *determined* it is another matter. A term that
 is a visible share of the step time in too few steps (at its physical value, β = 1) cannot be told from the
-fit's noise and the other terms' errors, so its fitted value is a guess — real vLLM runs whose prompts recur are served from the prefix
-cache, and a β1 of 0.03 fitted there says nothing about the prefill of a new prompt. The check
-``identified by the data`` (:func:`identification_checks`) flags such a β with the reason in words; the stop
+fit's noise and the other terms' errors, so its fitted value is a guess — real vLLM runs whose prompts recur
+are served from the prefix cache, and a β1 of 0.03 fitted there says nothing about the prefill of a new prompt.
+The check ``identified by the data`` (:func:`identification_checks`) flags such a β with the reason in words; the stop
 rule never counts it as identified, targeting asks for the runs that fix it, and replay and export warn
 (rule and thresholds: docs/spec.md §8 and the README, "What the data can see").
 """
@@ -13,7 +13,7 @@ rule never counts it as identified, targeting asks for the runs that fix it, and
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -42,6 +42,8 @@ class DataCoverage:
     cache_hits_known_share: float  # share of prefill steps whose source reports cache hits
     term_share: dict[str, float]  # β name -> Σ feature (at β = 1) / Σ step time, efficiency terms only
     term_showing_steps: dict[str, int]  # β name -> steps whose feature is ≥ SHOWING_SHARE of their step time
+    # β name -> P90 over steps of feature / step time, every term: how much of a step one unit of the β moves
+    unit_effect_p90: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -76,11 +78,13 @@ def data_coverage(steps: pd.DataFrame, features: pd.DataFrame | dict, terms: Seq
     hits = float(np.nansum(cached[known]))
     computed = float(T[known].sum())
     total_y = float(y.sum()) if n else 0.0
-    share, showing = {}, {}
+    share, showing, unit = {}, {}, {}
     for t in terms:
+        x = np.asarray(features[t.feature], dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            unit[t.name] = _p90(np.abs(x[y > 0]) / y[y > 0])
         if t.prior is None:
             continue
-        x = np.asarray(features[t.feature], dtype=np.float64)
         share[t.name] = float(x.sum() / total_y) if total_y > 0 else float("nan")
         with np.errstate(divide="ignore", invalid="ignore"):
             showing[t.name] = int(np.sum(x >= SHOWING_SHARE * y))
@@ -93,7 +97,7 @@ def data_coverage(steps: pd.DataFrame, features: pd.DataFrame | dict, terms: Seq
         prompt_reach_p90=_p90(reach), decode_context_p90=_p90(dctx),
         cache_hit_share=(hits / (hits + computed) if known.any() and hits + computed > 0 else None),
         cache_hits_known_share=float(known.sum() / pf.sum()) if pf.any() else 0.0,
-        term_share=share, term_showing_steps=showing)
+        term_share=share, term_showing_steps=showing, unit_effect_p90=unit)
 
 
 def _why(term: Term, cov: DataCoverage) -> str:
