@@ -4,7 +4,7 @@ ones inside functions, which an import-time check would miss:
 * the core (``rooflab/``) imports neither Prefect, MLflow, typer nor the app packages (``flows``, ``tasks``,
   ``tracking``, ``cli``);
 * the core's packages form layers, each importing only the layers below it (so no two import each other):
-  base (errors, files, paths) < model < data < twin < replay < fit < collect < targeting < campaign;
+  base (errors, files, paths) < model < data < twin < replay < fit < collect < targeting < campaign < evaluation;
 * the app layers: ``tracking`` imports no Prefect, ``flows``/``tasks``; ``tasks`` imports no ``flows`` or
   ``cli``; ``flows`` imports no ``cli``;
 * no module of the core is longer than ~500 lines without a written reason at its top.
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("base", "model", "data", "twin", "replay", "fit", "collect", "targeting", "campaign")
+LAYERS = ("base", "model", "data", "twin", "replay", "fit", "collect", "targeting", "campaign", "evaluation")
 BASE_MODULES = {"errors", "files", "paths"}
 APP = ("flows", "tasks", "tracking", "cli")
 CORE_FORBIDDEN = ("prefect", "mlflow", "typer", *APP)

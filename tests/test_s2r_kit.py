@@ -356,3 +356,33 @@ def test_summary_metrics_errors_and_ape():
                       {"overall": {"e2e_mean": 100.0, "ttft_mean": 5.0}, "stage_0": {"e2e_mean": 1.0}},
                       metrics=("e2e_mean", "ttft_mean"))
     assert table == {"overall": {"e2e_mean": pytest.approx(10.0), "ttft_mean": None}}
+
+
+def test_the_benchmark_pipeline_on_two_experiments(kit):
+    """rooflab.evaluation.s2r end to end on two small eval experiments: BLIS's iter29 coefficients replayed on the
+    workload as inference-perf ran it and as BLIS generates it, scored with the kit's metric definitions, and
+    tabulated as medians. The BLIS-mode replay of iter29 lands near BLIS's own prediction (the parity the
+    benchmark reports for every eval experiment)."""
+    from rooflab.evaluation.s2r import METRICS, ape, iter29_coefficients, median_table, predict
+    from rooflab.replay.summary_metrics import OVERALL
+
+    coefs = iter29_coefficients()
+    assert coefs.variant in ("blis-tp10", "blis-tp11") and coefs.formulas == "blis"
+    measured = [e for e in kit.split("eval") if e.measured is not None]
+    small = sorted(measured, key=lambda e: sum(e.workload.requests_per_stage))[:2]
+    rows = []
+    for exp in small:
+        for mode in ("inference-perf", "blis"):
+            pred = predict(exp, coefs, mode)
+            whole = pred[OVERALL]
+            assert set(METRICS) <= set(whole) and all(whole[m] is not None and whole[m] > 0 for m in METRICS)
+            assert whole["ttft_mean"] < whole["e2e_mean"]
+            if mode == "blis":
+                blis = exp.predictions["blis-trained-physics"].get("e2e_mean")
+                assert blis is not None and ape(whole["e2e_mean"], blis) < 0.15
+            else:
+                assert exp.measured is not None
+                rows += [{"exp_id": str(exp.exp_id), "simulator": "rooflab blis-iter29", "metric": m,
+                          "ape": ape(whole[m], exp.measured.get(m))} for m in METRICS]
+    table = median_table(pd.DataFrame(rows))
+    assert set(table["metric"]) <= set(METRICS) and (table["n"] <= 2).all() and (table["median_ape_pct"] >= 0).all()
