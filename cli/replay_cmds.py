@@ -7,6 +7,10 @@ client concurrency cap), and a ``warning:`` line (stderr) when the coefficient s
 a fitted α sits at a bound. ``--out`` / ``--json`` carry the same under each run (``setup``) plus the measured
 and predicted P50 / P90 / P99 of every metric.
 
+``replay --interval 0.9`` replays posterior draws of the coefficient set (:mod:`rooflab.replay.intervals`) and
+prints each statistic as the median with its interval, the probability of each ``--slo``, and what the interval
+covers (:mod:`cli.replay_intervals`).
+
 ``replay --blis-results PATH`` writes the predictions as BLIS SimResult JSON
 (:func:`rooflab.replay.blis_output.write_blis_results`): with one trace to ``PATH``; with several, one file per
 run, ``<PATH stem>.<run>.json`` beside ``PATH``; when ``PATH`` is an existing folder, ``PATH/<run>.json``.
@@ -23,7 +27,7 @@ import numpy as np
 import pandas as pd
 import typer
 
-from cli.app import app
+from cli.app import app, check_range
 from cli.replay_inputs import (
     REQ_HELP,
     announce,
@@ -32,6 +36,7 @@ from cli.replay_inputs import (
     load_traces,
     setup_of,
 )
+from rooflab.errors import InputError
 from rooflab.files import atomic_write_text, json_dumps
 from rooflab.model.variants import DEFAULT_VARIANT, get_variant
 
@@ -74,7 +79,8 @@ def blis_results_paths(path: Path, runs: list[str]) -> dict[str, Path]:
 @app.command()
 def replay(
     coefficients: Path = typer.Option(..., "--coefficients", help="fitted coefficients: `rooflab fit --out` JSON, "
-                                      "`rooflab export --format json`, `calibrate-e2e --out`, or a BLIS YAML"),
+                                      "`rooflab export --format json`, `calibrate-e2e --out`, a BLIS YAML, or a "
+                                      "registered calibration models:/NAME@champion (or /VERSION) in --mlruns"),
     requests: list[str] = typer.Option(..., "--requests", help=REQ_HELP),
     root: Path | None = typer.Option(None, help="real data folder (default ../shared/data/real)"),
     prefix: str = typer.Option("prompt", help="real runs: prefix cache groups prompt | system | none"),
@@ -86,6 +92,7 @@ def replay(
     gpu_memory_utilization: float | None = typer.Option(None, "--gpu-memory-utilization", help=_GMU_HELP),
     prefix_caching: bool | None = typer.Option(None, "--prefix-caching/--no-prefix-caching"),
     max_concurrency: int | None = typer.Option(None, "--max-concurrency", help=_CAP_HELP),
+    mlruns: Path = typer.Option(Path("mlruns"), "--mlruns", help="the MLflow store of a models:/ --coefficients"),
     window: str | None = typer.Option(None, help="replay only requests arriving in START:END seconds "
                                                     "(after a 30 s warm-up that is not scored)"),
     no_timeout: bool = typer.Option(False, "--no-timeout", help="never abort requests at the client timeout"),
@@ -97,19 +104,45 @@ def replay(
                                              "several to <PATH stem>.<run>.json beside it; an existing folder "
                                              "gets <run>.json per run"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of the table"),
+    interval: float | None = typer.Option(None, "--interval", help="also replay posterior draws and report each "
+                                          "statistic's median with this central interval (e.g. 0.9)"),
+    draws: int = typer.Option(30, "--draws", help="--interval: posterior draws replayed per run (2-1000)"),
+    slo: list[str] | None = typer.Option(None, "--slo", help="--interval: an SLO whose probability to report, "
+                                         "METRIC_STAT=LIMIT (ttft|itl|e2e, mean|p90|p99, ms|s|us), e.g. "
+                                         "ttft_p99=300ms; repeatable"),
+    no_discrepancy: bool = typer.Option(False, "--no-discrepancy", help="--interval: leave the coefficient set's "
+                                        "model-discrepancy term out (coefficient uncertainty only)"),
+    arrival_noise: bool = typer.Option(False, "--arrival-noise", help="--interval: each draw also resamples the "
+                                       "inter-arrival gaps (a forecast for the same workload, not these arrivals)"),
+    seed: int = typer.Option(0, "--seed", help="--interval: seed of the draws (common to every run)"),
 ):
     """Replay request traces through the twin's scheduler with the fitted step-time model and α; compare the
     predicted TTFT / ITL / E2E with the measured ones (per run: APE of mean / P90 / P99, per-request APE,
-    Pearson r, grade). Engine settings a trace does not give are vLLM's defaults, each one printed."""
+    Pearson r, grade). Engine settings a trace does not give are vLLM's defaults, each one printed. With
+    --interval, each statistic also gets a prediction interval from the coefficient set's posterior."""
     from rooflab import replay as rp
     from rooflab.replay.blis_output import write_blis_results
+    from rooflab.replay.intervals import parse_slo, replay_intervals
+
+    check_range(interval, "--interval", 0.01, 0.999)
+    check_range(draws, "--draws", 2, 1000)
+    slos = [parse_slo(t) for t in slo or []]
+    if slos and interval is None:
+        raise InputError(None, "--slo", "needs --interval (the SLO probability is over posterior draws)")
 
     engine = engine_overrides(max_num_seqs, max_num_batched_tokens, num_gpu_blocks, max_model_len, prefix_caching,
                               gpu_memory_utilization)
-    coefs = rp.load_coefficients(coefficients)
+    registered = str(coefficients).startswith("models:")
+    if registered:
+        from tracking.registry import coefficients_from_model_uri
+        from tracking.store import existing_tracking
+
+        coefs = coefficients_from_model_uri(existing_tracking(mlruns), str(coefficients))
+    else:
+        coefs = rp.load_coefficients(coefficients)
     traces = load_traces(requests, root=root, prefix=prefix, model=model, tp=tp, hardware=hardware, engine=engine,
                          window=window, max_concurrency=max_concurrency, vllm_version=vllm_version)
-    warnings = coefficient_warnings(coefficients, coefs)
+    warnings = coefficient_warnings(None if registered else coefficients, coefs)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     if not as_json:
@@ -117,10 +150,18 @@ def replay(
             print(f"note: {note}")
     announce(traces, as_json)
     blis_paths = blis_results_paths(blis_results, [tr.run_id for tr, _ in traces]) if blis_results else {}
-    results, frames = {}, {}
+    if interval is not None and coefs.posterior is None:
+        raise InputError(coefficients, "posterior", "this coefficient set has no posterior, so --interval has "
+                         "nothing to draw from (refit with `rooflab fit`, or use a registered calibration)")
+    results, frames, ivs = {}, {}, {}
     for tr, assumed in traces:
         res = rp.replay(tr, coefs, timeout=not no_timeout)
         c = add_percentiles(rp.compare(res), res.requests)
+        if interval is not None:
+            ivs[tr.run_id] = iv = replay_intervals(tr, coefs, level=interval, draws=draws, seed=seed, slos=slos,
+                                                   use_posterior_discrepancy=not no_discrepancy,
+                                                   arrival_noise=arrival_noise, timeout=not no_timeout)
+            c["intervals"] = iv.to_dict()
         c["replay"] = {"steps": res.n_steps, "wall_s": round(res.wall_s, 3), "steps_per_s": round(res.steps_per_s),
                        "sim_s": res.sim_time_s, **res.stats}
         if c["measured_failed"] or c["predicted_failed"]:
@@ -144,6 +185,13 @@ def replay(
         print(json_dumps(doc))
         return
     print(replay_table(results))
+    if ivs:
+        from cli.replay_intervals import interval_notes, interval_table
+
+        print()
+        print(interval_table(ivs))
+        for line in interval_notes(ivs):
+            print(line)
     for run, c in results.items():
         if "blis_results" in c:
             print(f"wrote {c['blis_results']} (BLIS SimResult JSON of {run})")
@@ -193,6 +241,8 @@ def calibrate_e2e_cmd(
     alpha_only: bool = typer.Option(False, "--alpha-only", help="keep β of --start, fit α only"),
     out: Path | None = typer.Option(None, help="write the coefficients (rooflab coefficients JSON) here"),
     check: bool = typer.Option(True, "--check/--no-check", help="replay the full training runs with the result"),
+    posterior_draws: int = typer.Option(100, "--posterior-draws", help="whole-run bootstrap draws of the result's "
+                                        "posterior (stored with the coefficients; 0: none)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """End-to-end calibration: fit β/α from request data only, by minimising the replay error (TTFT and E2E
@@ -200,6 +250,7 @@ def calibrate_e2e_cmd(
     from rooflab import replay as rp
     from rooflab.fit.request_level import E2EOptions, calibrate_e2e
 
+    check_range(posterior_draws, "--posterior-draws", 0, 10_000)
     get_variant(variant)
     engine = engine_overrides(max_num_seqs, max_num_batched_tokens, num_gpu_blocks, max_model_len, prefix_caching,
                               gpu_memory_utilization)
@@ -214,6 +265,10 @@ def calibrate_e2e_cmd(
     opts = E2EOptions(variant=variant, prior_strength=prior, iterations=iterations, polish_evals=polish,
                       window_s=window_s or None, windows=windows, fit_beta=not alpha_only)
     res = calibrate_e2e(traces, start_c, opts, log=None if as_json else (lambda m: print(m, flush=True)))
+    if posterior_draws:
+        from rooflab.fit.replay_posterior import e2e_posterior
+
+        res.coefficients.posterior, _ = e2e_posterior(traces, res.coefficients, opts, n_boot=posterior_draws)
     for w in coefficient_warnings(None, res.coefficients):
         print(f"warning: {w}", file=sys.stderr)
     doc: dict[str, Any] = {"coefficients": res.coefficients.to_dict(), "calibration": res.to_dict(),

@@ -157,3 +157,36 @@ def test_bad_blis_yaml_is_one_line(tmp_path):
     with pytest.raises(InputError) as e:
         load_coefficients(p)
     assert "beta_coeffs" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_attention_extension_of_blis_times_steps_like_its_features_and_is_never_exported_as_blis(blis_fit):
+    """blis-tp10+attn: β1a's compute split at its attention share. The step timer equals the variant's own
+    prediction on the features (truncated as BLIS does); with β1a_attn = β1a it is blis-tp10 exactly; a BLIS
+    export is refused in one line (BLIS has one prefill compute slot)."""
+    from rooflab.model.coefficients import Coefficients
+    from rooflab.model.variants import get_variant
+
+    calib, steps = blis_fit
+    base = calib.beta.coefficients()
+    arch = load_model("llama-3.1-8b")
+    sub = steps[(steps["tp"] == 1) & (steps["prefill_tokens"] > 0)].head(200)
+    feats = featurize(sub, "blis")
+    np.testing.assert_allclose(feats["blis_pf_dense"] + feats["blis_pf_attn"], feats["blis_pf_compute"], rtol=1e-12)
+    v = get_variant("blis-tp10+attn")
+    for attn in (base["beta1a"], 3.0 * base["beta1a"]):
+        beta = {**base, "beta1a_attn": attn}
+        timer = BlisStepTimer(Coefficients(beta, variant=v.name, formulas="blis"), arch, H100, 1)
+        got = [timer.time_from_aggregates(r.prefill_reqs, r.prefill_tokens, r.prefill_prompt_pairs, r.decode_reqs,
+                                          r.decode_context) for r in sub.itertuples()]
+        want = np.maximum(np.trunc(v.predict(feats, np.array([beta[n] for n in v.names]))), 1)
+        np.testing.assert_allclose(got, want, atol=1.0)  # truncation of sums computed in another order
+    same = BlisStepTimer(Coefficients({**base, "beta1a_attn": base["beta1a"]}, variant=v.name, formulas="blis"),
+                         arch, H100, 1)
+    plain = BlisStepTimer(Coefficients(base, variant="blis-tp10", formulas="blis"), arch, H100, 1)
+    assert same.step_time_us(np.array([300.0, 20.0]), [(512, 0, 2048)], 1) == \
+        plain.step_time_us(np.array([300.0, 20.0]), [(512, 0, 2048)], 1)
+    fit = calibrate(steps, None, Options(variant="blis-tp10+attn", n_boot=5))
+    with pytest.raises(InputError) as e:
+        export.blis_yaml(fit.to_dict())
+    assert "beta1a_attn" in str(e.value) and "cannot load" in str(e.value) and "\n" not in str(e.value)
+    assert "beta1a_attn" in export.to_json(fit.to_dict())["beta"]

@@ -3,7 +3,6 @@ where it goes — the coefficient set, export, replay's warnings, the stop rule 
 prefix-cache hits every step source reports (or says it cannot)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,13 +19,14 @@ from rooflab.model.coefficients import coefficients_from_doc
 from rooflab.model.engine_config import EngineConfig
 from rooflab.model.export import blis_yaml, to_json
 from rooflab.model.hardware import load_hardware
+from rooflab.paths import REAL_DATA_DIR
 from rooflab.targeting.menu import choose_next
 from rooflab.targeting.stop import stop_rule
 from rooflab.twin.engine import Engine, Request
 from rooflab.twin.simulate import simulate
 from rooflab.twin.truth import TruthModel
 
-REAL_STEPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "steps" / "h100_step_records.parquet"
+REAL_STEPS = REAL_DATA_DIR / "steps" / "h100_step_records.parquet"
 OPTS = Options(variant="roofline7", n_boot=30)
 
 

@@ -14,6 +14,7 @@ from rooflab.data.saturation import route_steps
 from rooflab.fit.beta import AlphaFit, BetaFit, fit_alpha, fit_beta
 from rooflab.fit.coverage import IDENTIFIED_CHECK, DataCoverage, data_coverage, identification_checks
 from rooflab.fit.health import FAIL, Check, check_health, overall
+from rooflab.fit.posterior import FitState, posterior_from_state, state_from_fit
 from rooflab.fit.residuals import (
     bucket_table,
     plot_residuals,
@@ -23,6 +24,7 @@ from rooflab.fit.residuals import (
 )
 from rooflab.model.coefficients import Coefficients
 from rooflab.model.features import featurize
+from rooflab.model.posterior import Posterior
 from rooflab.model.variants import DEFAULT_VARIANT, get_variant, resolve_formulas
 
 
@@ -51,6 +53,8 @@ class Calibration:
     plots: list[Path] = field(default_factory=list)
     scope: dict = field(default_factory=dict)  # what the fit covers: hardware, models, TP degrees of its steps
     coverage: DataCoverage | None = None  # what the training data can see (rooflab.fit.coverage)
+    posterior: Posterior | None = None  # β and α as a distribution (rooflab.fit.posterior)
+    fit_state: FitState | None = None  # per-run sufficient statistics: what a sequential refit updates
 
     @property
     def health_overall(self) -> str:
@@ -68,7 +72,7 @@ class Calibration:
                             tuple(float(x) for x in a.alpha) if a.alpha is not None else (0.0, 0.0, 0.0),
                             self.beta.variant.name, self.beta.formulas, "calibration", fitted,
                             [] if fitted else [f"α not fitted: replayed with α = 0 ({a.reason})"],
-                            unidentified=self.unidentified)
+                            unidentified=self.unidentified, posterior=self.posterior)
 
     @property
     def unidentified(self) -> dict[str, str]:
@@ -87,6 +91,7 @@ class Calibration:
             "coverage": self.coverage.to_dict() if self.coverage is not None else None,
             "unidentified": self.unidentified,
             "plots": [str(p) for p in self.plots],
+            **({"posterior": self.posterior.to_dict()} if self.posterior is not None else {}),
         }
 
 
@@ -145,6 +150,8 @@ def calibrate(steps: pd.DataFrame, requests: pd.DataFrame | None = None, options
     calib = Calibration(options, {"total": counts, "per_run": _routing_counts(steps, routing.saturated, has_time)},
                         beta, alpha, health, residuals, accuracy, influence,
                         specification_tests(steps[train], y[train], pred[train]), coverage=coverage)
+    calib.fit_state = state_from_fit(beta, alpha, requests, fp8_peak=options.fp8_peak)
+    calib.posterior = posterior_from_state(calib.fit_state, beta.beta, alpha.alpha)
     fitted = steps[train]
     calib.scope = {"hardware": sorted(map(str, fitted["hardware"].unique())),
                    "models": sorted(map(str, fitted["model"].unique())),

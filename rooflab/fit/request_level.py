@@ -158,6 +158,33 @@ def stacked_design(trace: Trace, result: ReplayResult, variant: str | Variant, f
             "names": v.names}
 
 
+def stacked_system(d: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The weighted least-squares rows (A, b) of one stacked design over θ = (β, α0, α1, α2): relative TTFT, E2E
+    and ITL errors of its requests, the design weighted 1 in all (each run counts equally)."""
+    n = len(d["ttft"])
+    p = d["Xt"].shape[1] if n else len(d["names"])
+    if n == 0:
+        return np.zeros((0, p + 3)), np.zeros(0)
+    w = 1.0 / np.sqrt(3.0 * n)
+    one = np.ones(n)
+    zero = np.zeros(n)
+    yt, ye = d["ttft"], d["e2e"]
+    At = np.column_stack([d["Xt"], one, zero, zero]) / yt[:, None]
+    Ae = np.column_stack([d["Xe"], one, one, d["n_out"]]) / ye[:, None]
+    rows, rhs = [At * w, Ae * w], [one * w, one * w]
+    # ITL = (E2E − TTFT)/(n_out − 1): the decode part alone, so that α1 cannot stand in for decode steps
+    m = d["n_out"] > 1
+    if m.any():
+        k = d["n_out"][m] - 1
+        yi = (ye[m] - yt[m]) / k
+        ok = yi > 0
+        Ai = np.column_stack([(d["Xe"][m] - d["Xt"][m]), np.zeros(m.sum()), np.ones(m.sum()), d["n_out"][m]])
+        Ai = Ai / (k * yi)[:, None]
+        rows.append(Ai[ok] * w)
+        rhs.append(np.full(int(ok.sum()), w))
+    return np.vstack(rows), np.concatenate(rhs)
+
+
 def fit_stacked(designs: list[dict], start: Coefficients, *, prior_strength: float = 1e-3, fit_beta: bool = True,
                 fit_alpha: bool = True) -> Coefficients:
     """Bounded least squares of per-request relative TTFT, E2E and ITL errors over the stacked designs (each
@@ -168,27 +195,11 @@ def fit_stacked(designs: list[dict], start: Coefficients, *, prior_strength: flo
     p = len(names)
     rows, rhs = [], []
     for d in designs:
-        n = len(d["ttft"])
-        if n == 0:
+        if len(d["ttft"]) == 0:
             continue
-        w = 1.0 / np.sqrt(3.0 * n)
-        one = np.ones(n)
-        zero = np.zeros(n)
-        yt, ye = d["ttft"], d["e2e"]
-        At = np.column_stack([d["Xt"], one, zero, zero]) / yt[:, None]
-        Ae = np.column_stack([d["Xe"], one, one, d["n_out"]]) / ye[:, None]
-        rows += [At * w, Ae * w]
-        rhs += [one * w, one * w]
-        # ITL = (E2E − TTFT)/(n_out − 1): the decode part alone, so that α1 cannot stand in for decode steps
-        m = d["n_out"] > 1
-        if m.any():
-            k = d["n_out"][m] - 1
-            yi = (ye[m] - yt[m]) / k
-            ok = yi > 0
-            Ai = np.column_stack([(d["Xe"][m] - d["Xt"][m]), np.zeros(m.sum()), np.ones(m.sum()), d["n_out"][m]])
-            Ai = Ai / (k * yi)[:, None]
-            rows.append(Ai[ok] * w)
-            rhs.append(np.full(int(ok.sum()), w))
+        A_d, b_d = stacked_system(d)
+        rows.append(A_d)
+        rhs.append(b_d)
     if not rows:
         raise InputError(None, "requests", "no request succeeded in both the measurement and the replay")
     A = np.vstack(rows)

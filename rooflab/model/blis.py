@@ -377,8 +377,11 @@ def blis_basis(shape: BlisShape, hw: BlisHardware, tp: int, agg: Mapping[str, An
     moe_reduce = allreduce(s.n_moe_layers) if (s.is_moe and s.n_moe_layers > 0 and dp == 1) else zeros
     tp_comm = allreduce(s.n_layers) / dp + allreduce(s.n_dense_layers) / dp + moe_reduce
 
+    pf_attn = np.where(P > 0, L * attn_pf / dp / F, 0.0)  # the extension blis-tp10+attn prices it apart
     return {
         "blis_pf_compute": np.where(P > 0, pf_compute, 0.0),
+        "blis_pf_attn": pf_attn,
+        "blis_pf_dense": np.where(P > 0, pf_compute, 0.0) - pf_attn,
         "blis_pf_kv": np.where(P > 0, pf_kv, 0.0),
         "blis_dc_compute": np.where(D > 0, dc_compute, 0.0),
         "blis_dc_kv": np.where(D > 0, dc_kv, 0.0),
@@ -464,8 +467,19 @@ _BLIS_TERMS = (
 )
 _BETA_EP = _term("beta_ep", "BLIS MoE dispatch/combine volume at HBM bandwidth (DP > 1 only; 0 here)", "×", 1.0)
 
+# rooflab's extension of BLIS's basis (issue 15): β1a's compute split at its attention-score share, attention with
+# its own β. Not BLIS-loadable (BLIS has one prefill compute slot): `export --format blis` refuses it.
+BLIS_EXTENSION_COLUMNS = ("blis_pf_dense", "blis_pf_attn")
+_BLIS_ATTN_TERMS = (
+    Term("beta1a", "blis_pf_dense", "BLIS prefill compute less its attention (projections, FFN) at peak FLOPs",
+         "×", prior=1.0),
+    Term("beta1a_attn", "blis_pf_attn", "BLIS prefill attention over the full prompt at peak FLOPs", "×", prior=1.0),
+    *_BLIS_TERMS[1:],
+)
+
 BLIS_VARIANTS = {
     "blis-tp10": Variant("blis-tp10", _BLIS_TERMS, formulas=("blis",)),
     "blis-tp11": Variant("blis-tp11", _BLIS_TERMS + (_BETA_EP,), formulas=("blis",)),
+    "blis-tp10+attn": Variant("blis-tp10+attn", _BLIS_ATTN_TERMS, formulas=("blis",)),
 }
 assert tuple(t.name for t in BLIS_VARIANTS["blis-tp11"].terms) == BLIS_BETA_ORDER

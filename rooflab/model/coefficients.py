@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from rooflab.errors import InputError
+from rooflab.model.posterior import Posterior, posterior_from_doc
 from rooflab.model.variants import get_variant, resolve_formulas
 
 ALPHA_NAMES = ("alpha0", "alpha1", "alpha2")
@@ -30,12 +31,30 @@ class Coefficients:
     notes: list[str] = field(default_factory=list)
     # β name -> why the data it was fitted on could not see it (rooflab.fit.coverage); replay and export warn
     unidentified: dict[str, str] = field(default_factory=dict)
+    # the coefficients as a distribution (rooflab.model.posterior): None for a point estimate only
+    posterior: Posterior | None = None
 
     def with_values(self, beta: dict[str, float] | None = None, alpha: Iterable[float] | None = None,
                     source: str | None = None) -> Coefficients:
         return Coefficients({**self.beta, **(beta or {})}, tuple(alpha) if alpha is not None else self.alpha,
                             self.variant, self.formulas, source or self.source,
-                            self.alpha_fitted or alpha is not None, list(self.notes), dict(self.unidentified))
+                            self.alpha_fitted or alpha is not None, list(self.notes), dict(self.unidentified),
+                            self.posterior if beta is None and alpha is None else None)  # new values: not its posterior
+
+    def draws(self, n: int, seed: int = 0) -> list[Coefficients]:
+        """``n`` coefficient sets drawn from the posterior (β and, where the posterior has them, α); the point
+        estimate ``n`` times when there is no posterior."""
+        if self.posterior is None:
+            return [self for _ in range(n)]
+        post = self.posterior
+        out = []
+        for row in post.sample(n, seed):
+            vals = dict(zip(post.names, map(float, row)))
+            beta = {k: vals.get(k, v) for k, v in self.beta.items()}
+            alpha = tuple(vals.get(a, v) for a, v in zip(ALPHA_NAMES, self.alpha))
+            out.append(Coefficients(beta, alpha, self.variant, self.formulas, self.source, self.alpha_fitted,
+                                    list(self.notes), dict(self.unidentified)))
+        return out
 
     def warnings(self) -> list[str]:
         """One line per coefficient the data it was fitted on could not see."""
@@ -48,7 +67,8 @@ class Coefficients:
                 "alpha": {"fitted": bool(self.alpha_fitted), "coefficients": {
                     n: {"value": float(v), "unit": u}
                     for n, v, u in zip(ALPHA_NAMES, self.alpha, ("µs", "µs", "µs/token"))}},
-                "source": self.source, "notes": list(self.notes), "unidentified": dict(self.unidentified)}
+                "source": self.source, "notes": list(self.notes), "unidentified": dict(self.unidentified),
+                **({"posterior": self.posterior.to_dict()} if self.posterior is not None else {})}
 
 
 def _num(v: Any) -> TypeGuard[float]:
@@ -101,7 +121,14 @@ def coefficients_from_doc(doc: Any, source: str = "") -> Coefficients:
     flags = doc.get("unidentified") or {}
     if not isinstance(flags, dict) or not all(isinstance(v, str) for v in flags.values()):
         raise InputError(source, "unidentified", "expected a mapping of β name to reason")
-    return Coefficients(beta, alpha, variant, formulas, source, fitted, notes, {str(k): v for k, v in flags.items()})
+    posterior = None
+    if doc.get("posterior") is not None:
+        posterior = posterior_from_doc(doc["posterior"], source)
+        stray = sorted(set(posterior.names) - set(beta) - set(ALPHA_NAMES))
+        if stray:
+            raise InputError(source, "posterior.names", f"{stray[0]} is not a coefficient of this set")
+    return Coefficients(beta, alpha, variant, formulas, source, fitted, notes, {str(k): v for k, v in flags.items()},
+                        posterior)
 
 
 def load_coefficients(path: str | Path) -> Coefficients:

@@ -81,7 +81,9 @@ _BLIS_ALPHA = (
     ("α1", "PostDecodeFixedOverhead", "µs", "alpha1"),
     ("α2", "OutputTokenProcessingTime", "µs/token", "alpha2"),
 )
-UNMAPPED_ROOFLAB = {"beta4": "routed-expert weight loading: no BLIS slot (BLIS's β3 weight term loads all experts)"}
+UNMAPPED_ROOFLAB = {"beta4": "routed-expert weight loading: no BLIS slot (BLIS's β3 weight term loads all experts)",
+                    "beta1_attn": "prefill attention at its own efficiency: BLIS prices attention with β1a, so "
+                                  "BLIS's long-prompt prefill uses the GEMM correction β1 instead"}
 
 
 class _ToDict(Protocol):
@@ -188,13 +190,17 @@ def to_json(calib: CalibrationLike, *, context: dict | None = None) -> dict:
         features = dict(zip(variant.names, variant.features))
     except InputError:
         features = {}
+    post = doc.get("posterior") if isinstance(doc.get("posterior"), dict) else None
+    post_ci = (post or {}).get("ci95") or {}
     beta = {n: {"value": _num(c.get("value")), "lower": _num(c.get("lower")), "upper": _num(c.get("upper")),
+                "ci95": _pair(c.get("ci95")), "posterior_ci95": _pair(post_ci.get(n)),
                 "unit": c.get("unit"), "meaning": c.get("meaning"), "feature": features.get(n)}
             for n, c in coefs.items()}
     a = doc.get("alpha") or {}
     if a.get("fitted"):
         alpha = {"fitted": True, "n_requests": a.get("n_requests"), "coefficients": {
             n: {"value": _num(c.get("value")), "lower": _num(c.get("lower")), "upper": _num(c.get("upper")),
+                "ci95": _pair(c.get("ci95")), "posterior_ci95": _pair(post_ci.get(n)),
                 "unit": c.get("unit")} for n, c in a["coefficients"].items()}}
     else:
         alpha = {"fitted": False, "reason": a.get("reason", "no α in the fit result")}
@@ -222,8 +228,17 @@ def to_json(calib: CalibrationLike, *, context: dict | None = None) -> dict:
                      for s, acc in (doc.get("accuracy") or {}).items()},
         "health": (doc.get("health") or {}).get("overall"),
         "unidentified": dict(doc.get("unidentified") or {}),  # βs the data could not see, with the reason
+        # the coefficients as a distribution (rooflab.model.posterior): mean, covariance, ci95, discrepancy, lineage
+        **({"posterior": post} if post is not None else {}),
     }
     return json.loads(json.dumps(out, default=_plain))
+
+
+def _pair(v: Any) -> list[float | None] | None:
+    """A [low, high] interval, JSON-safe (None when absent)."""
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        return None
+    return [_num(v[0]), _num(v[1])]
 
 
 def _plain(o: Any) -> Any:
@@ -247,8 +262,20 @@ def _value(coefs: dict, name: str | None, key: str = "value") -> float:
 
 
 def is_blis_variant(doc: dict) -> bool:
-    """A fit of BLIS's own basis (variants blis-tp10 / blis-tp11): its coefficients export term for term."""
+    """A fit of BLIS's own basis (variants blis-tp10 / blis-tp11): its coefficients export term for term. The
+    extension ``blis-tp10+attn`` is on BLIS's basis too but has a coefficient BLIS cannot load: see
+    :func:`check_blis_loadable`."""
     return (doc.get("beta") or {}).get("formulas") == "blis"
+
+
+def check_blis_loadable(doc: dict) -> None:
+    """Refuse a BLIS export of a BLIS-basis fit with coefficients BLIS has no slot for (one line: what to do)."""
+    b = doc.get("beta") or {}
+    extra = [n for n in (b.get("coefficients") or {}) if n not in BLIS_BETA_ORDER]
+    if is_blis_variant(doc) and extra:
+        raise InputError(None, "variant", f"{b.get('variant')} has {', '.join(extra)}, which BLIS cannot load (its "
+                         "trained-physics form has one prefill compute β): export --format json for rooflab, or "
+                         "fit blis-tp10 / blis-tp11 for a set BLIS loads exactly")
 
 
 def to_blis(calib: CalibrationLike, *, alpha_fallback: list[float] | None = None) -> dict:
@@ -257,6 +284,7 @@ def to_blis(calib: CalibrationLike, *, alpha_fallback: list[float] | None = None
     variant is mapped approximately onto the 11 slots (the module docstring's table). Without fitted α the α
     are ``alpha_fallback`` (default 0)."""
     doc = as_dict(calib)
+    check_blis_loadable(doc)
     coefs = doc["beta"]["coefficients"]
     if is_blis_variant(doc):
         beta = [_value(coefs, n) for n in BLIS_BETA_ORDER if n in coefs]

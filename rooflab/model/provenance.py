@@ -71,15 +71,19 @@ def provenance_record(doc: dict[str, Any], *, created_at: str | None = None) -> 
             scope[k] = prov[k]
     scope.setdefault("vllm_version", None)
     blis = b.get("formulas") == "blis"
+    post: dict[str, Any] = doc["posterior"] if isinstance(doc.get("posterior"), dict) else {}
+    post_ci = post.get("ci95") or {}
     coefficients = []
     for name, c in (b.get("coefficients") or {}).items():
         coefficients.append({"name": name, **({"blis": _BLIS_NAME[name]} if blis and name in _BLIS_NAME else {}),
                              "value": c.get("value"), "unit": c.get("unit"), "meaning": c.get("meaning"),
-                             "method": "fitted", "ci95": c.get("ci95")})
+                             "method": "fitted", "ci95": c.get("ci95"),
+                             **({"posterior_ci95": post_ci[name]} if name in post_ci else {})})
     a = doc.get("alpha") or {}
     for name, c in ((a.get("coefficients") or {}).items() if a.get("fitted") else ()):
         coefficients.append({"name": name, "blis": _ALPHA_BLIS.get(name), "value": c.get("value"),
-                             "unit": c.get("unit"), "method": "fitted", "ci95": c.get("ci95")})
+                             "unit": c.get("unit"), "method": "fitted", "ci95": c.get("ci95"),
+                             **({"posterior_ci95": post_ci[name]} if name in post_ci else {})})
     if not a.get("fitted"):
         coefficients += [{"name": n, "blis": _ALPHA_BLIS[n], "value": None, "unit": u, "method": "not fitted",
                           "reason": a.get("reason", "no request data")}
@@ -94,7 +98,12 @@ def provenance_record(doc: dict[str, Any], *, created_at: str | None = None) -> 
                 "ci95": "2.5% and 97.5% quantiles of the bootstrap draws",
                 "bootstrap": {"unit": boot.get("unit"), "units": boot.get("units"), "draws": boot.get("draws")},
                 "steps_fitted": b.get("n_steps"), "health": (doc.get("health") or {}).get("overall"),
-                "accuracy": doc.get("accuracy")},
+                "accuracy": doc.get("accuracy"),
+                "posterior": {"method": post.get("method"), "kind": post.get("kind"),
+                              "posterior_ci95": "2.5% and 97.5% quantiles of the posterior (rooflab.model.posterior)",
+                              "discrepancy": post.get("discrepancy") or {},
+                              "lineage": {k: v for k, v in (post.get("lineage") or {}).items() if k != "history"}}
+                if post else None},
         "scope": scope,
         "sources": prov.get("sources") or [],
         "command": prov.get("command"),

@@ -139,7 +139,12 @@ class BlisStepTimer:
         self.per_request = coef["beta6"]
         self.base = t[0]  # weights, per-layer, per-step and MoE-layer terms (an empty batch itself costs 1 µs)
         self.per_pf_token = t[1] - t[0] - self.per_request
-        self.per_pf_pair = t[2] - t[1]
+        self.per_pf_pair = t[2] - t[1]  # the prompt pairs enter only the attention part of β1a's compute
+        if "beta1a_attn" in coefs.beta and coef["beta1a"] > 0:  # the extension blis-tp10+attn: its own β
+            self.per_pf_pair *= float(coefs.beta["beta1a_attn"]) / coef["beta1a"]
+        elif "beta1a_attn" in coefs.beta:
+            per_pair = float(basis["blis_pf_attn"][2] - basis["blis_pf_attn"][1])
+            self.per_pf_pair = float(coefs.beta["beta1a_attn"]) * per_pair
         self.per_dc_req = t[3] - t[0] - self.per_request
         self.per_dc_ctx = t[4] - t[3]
         self.calls = 0

@@ -8,7 +8,7 @@ seed folded into β7 and which cross-model transfer may need.
 from __future__ import annotations
 
 from rooflab.errors import InputError
-from rooflab.model.blis import BLIS_BASIS_COLUMNS, BLIS_VARIANTS
+from rooflab.model.blis import BLIS_BASIS_COLUMNS, BLIS_EXTENSION_COLUMNS, BLIS_VARIANTS
 from rooflab.model.features import BASIS_COLUMNS, FORMULAS
 from rooflab.model.terms import Term, Variant
 
@@ -37,7 +37,7 @@ VARIANTS = {
     **BLIS_VARIANTS,  # BLIS's trained-physics basis, 10 and 11 coefficients (formulas "blis")
 }
 DEFAULT_VARIANT = "roofline7+layers"  # what campaigns, replay and `rooflab fit` use unless told otherwise
-assert all(t.feature in (BASIS_COLUMNS if v.formulas != ("blis",) else BLIS_BASIS_COLUMNS)
+assert all(t.feature in (BASIS_COLUMNS if v.formulas != ("blis",) else BLIS_BASIS_COLUMNS + BLIS_EXTENSION_COLUMNS)
            for v in VARIANTS.values() for t in v.terms)
 assert all(f in FORMULAS for v in VARIANTS.values() for f in v.formulas)
 

@@ -4,6 +4,9 @@ predict.py  the replay itself (the twin's event loop with a fitted step timer)
 metrics.py  scoring against the measurement
 plots.py    predicted-vs-measured figures
 heldout.py  held-out error over a data store's runs
+intervals.py       prediction intervals from posterior draws (common random numbers), SLO probabilities
+interval_plots.py  calibration plot, predicted-vs-measured with interval bars
+promotion.py       the registry's promotion rule (paired held-out comparison)
 """
 
 from rooflab.model.coefficients import load_coefficients
