@@ -41,7 +41,7 @@ from rooflab.model.provenance import current_command
 from rooflab.targeting.strategies import Spend, make_targeting
 from tasks.analyze import calibrate_from_store, heldout_replay_error
 from tasks.launch import collect_points
-from tracking.campaign_runs import finish_campaign, log_iteration, start_campaign
+from tracking.campaign_runs import finish_campaign, iteration_folder, log_iteration, start_campaign
 from tracking.store import TrackingStore, open_tracking
 
 
@@ -182,5 +182,10 @@ def _run(camp: Campaign, st: Store, mlruns: str, launcher: str, overrides: dict[
         finish_campaign(ts, parent, stop_reason=outcome.stop_reason,
                         summary={"iterations": outcome.iterations, "gpu_hours": spent.total_s / 3600,
                                  "converged": outcome.converged})
+    last = iteration_folder(steps.work / f"iter-{outcome.iterations - 1}", outcome.iterations - 1) \
+        if outcome.iterations else None  # the latest calibration's files: what a user takes to BLIS
     return {"campaign": camp.name, "iterations": outcome.iterations, "stop_reason": outcome.stop_reason,
-            "converged": outcome.converged, "gpu_hours": spent.total_s / 3600, "parent_run_id": parent}
+            "converged": outcome.converged, "gpu_hours": spent.total_s / 3600, "parent_run_id": parent,
+            "blis_coefficients": str(last / "blis_coefficients.yaml") if last else None,
+            "provenance": str(last / "blis_coefficients.provenance.json") if last else None,
+            "coefficients": str(last / "coefficients.json") if last else None}

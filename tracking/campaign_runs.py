@@ -5,8 +5,10 @@ Layout:
 
 * one **experiment** per campaign, ``rooflab/<campaign>``;
 * one **parent run** per campaign (tag ``rooflab.role=campaign``), resumed (set RUNNING again) when the campaign
-  is resumed; it also carries per-iteration summary metrics (step = iteration) and, at the end, the stop reason
-  and the final summary;
+  is resumed; it carries the campaign's learning curves — per iteration (step = iteration) held-out and train
+  MAPE, cumulative GPU-hours, every coefficient with its interval bounds, the data volume
+  (:func:`tracking.metrics.parent_metrics`) — and, at the end, the stop reason and the final summary
+  (metrics ``summary.<key>``, logged once);
 * one **child run** per iteration (tags ``mlflow.parentRunId``, ``rooflab.role=iteration``, ``rooflab.iteration``)
   with params (data counts, variant, formulas, prior, bootstrap), metrics (each β with its interval and bootstrap
   CV, α, condition number, MAPE / median APE per split, per-bucket MAPE ``mape.<dimension>.<bucket>`` (train) and
@@ -16,14 +18,22 @@ Layout:
 Refits outside the loop (:func:`log_refit`: a ``rooflab.data.arrived`` refit, a V1 validation) are top-level runs
 of the campaign's experiment tagged ``rooflab.role=refit``.
 
+The view a person opens (MLflow 3.17.2's UI): :func:`experiment_url` links the experiment in the classic
+"Model training" layout (``workflowType=machine_learning``: this UI takes the layout from that URL parameter
+or the browser's last choice, GenAI by default, not from the ``mlflow.experimentKind`` tag) with rooflab's
+saved view (:data:`VIEW_ID`, an experiment tag written by :func:`log_iteration`, listed under "Views"): the
+runs table groups the runs by role (every iteration a row) with MAPE, GPU-hours and every β as columns, the
+chart view shows the learning curves (MAPE and GPU-hours; each β with its interval) against the iteration.
+
 A child run counts as logged only once it is FINISHED: an iteration whose logging was interrupted is deleted
 and logged again, so :func:`log_iteration` is idempotent and crash-safe.
 """
 
 from __future__ import annotations
 
-import re
+import json
 import time
+import urllib.parse
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -31,6 +41,7 @@ from typing import Any
 import pandas as pd
 from mlflow.entities import Run, RunStatus
 
+from rooflab.errors import InputError
 from rooflab.files import atomic_write_text, json_dumps
 from rooflab.fit.calibration import Calibration
 from rooflab.fit.report import render
@@ -39,6 +50,8 @@ from rooflab.model.provenance import provenance_path, write_provenance
 from rooflab.targeting.candidates import Pick
 from rooflab.targeting.stop import StopDecision
 from tracking.metrics import (
+    HEADLINE,
+    coefficient_names,
     dumps,
     finite,
     flat,
@@ -46,6 +59,7 @@ from tracking.metrics import (
     iteration_params,
     log_batch,
     metric_key,
+    parent_metrics,
 )
 from tracking.store import (
     CAMPAIGN,
@@ -142,6 +156,11 @@ def write_iteration_artifacts(calib: Calibration, out_dir: Path, *, iteration: i
     ]
 
 
+def iteration_folder(artifacts_dir: Path, iteration: int) -> Path:
+    """Where :func:`log_iteration` keeps an iteration's artifact files (coefficients, BLIS export, provenance)."""
+    return Path(artifacts_dir) / f"iteration_{int(iteration):03d}"
+
+
 def log_iteration(ts: TrackingStore, parent_id: str, iteration: int, calib: Calibration, *, stop: StopDecision,
                   picks: list[Pick], gpu_seconds: float, artifacts_dir: Path,
                   extra_params: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None) -> str:
@@ -164,11 +183,10 @@ def log_iteration(ts: TrackingStore, parent_id: str, iteration: int, calib: Cali
     rid = str(run.info.run_id)
     with _TerminatedOnError(ts, rid):
         metrics = _log_calibration(ts, rid, calib, step=iteration, picks=picks, gpu_seconds=gpu_seconds, stop=stop,
-                                   out_dir=Path(artifacts_dir) / f"iteration_{iteration:03d}",
+                                   out_dir=iteration_folder(artifacts_dir, iteration),
                                    extra_params=extra_params, provenance={**(provenance or {}), "mlflow_run_id": rid})
-        summary_keys = ["gpu_hours", "n_picks", "hotspots", "condition_number", "mape.train", "mape.validation"]
-        summary_keys += [k for k in metrics if re.fullmatch(r"beta\w*", k)]
-        log_batch(ts, parent_id, metrics={k: metrics[k] for k in summary_keys if k in metrics}, step=iteration)
+        log_batch(ts, parent_id, metrics=parent_metrics(calib, metrics), step=iteration)  # the learning curves
+        save_view(ts, parent.info.experiment_id, coefficient_names(calib))
         c.set_terminated(rid, "FINISHED")
     return rid
 
@@ -236,17 +254,91 @@ def log_refit(ts: TrackingStore, campaign: str, calib: Calibration, *, artifacts
 
 def finish_campaign(ts: TrackingStore, parent_id: str, *, stop_reason: str, summary: dict[str, Any],
                     status: str = "FINISHED") -> None:
-    """End the parent run: numeric summary entries become metrics, the rest tags
+    """End the parent run: numeric summary entries become metrics ``summary.<key>`` (their own names: a
+    summary's ``gpu_hours`` is not one more point on the per-iteration ``gpu_hours`` curve), the rest tags
     (``rooflab.summary.<key>``); the whole summary is also logged as ``summary.json``. Idempotent: a parent
-    already summarised with this stop reason (a resumed campaign that had stopped) is only ended again."""
-    if ts.client.get_run(parent_id).data.tags.get(STOP_REASON) == stop_reason:  # summarised before
-        ts.client.set_terminated(parent_id, status)
+    already summarised with this stop reason (a resumed campaign that had stopped) is only ended again, and a
+    summary metric already logged at this step (the last iteration) is not logged twice."""
+    c = ts.client
+    if c.get_run(parent_id).data.tags.get(STOP_REASON) == stop_reason:  # summarised before
+        c.set_terminated(parent_id, status)
         return
     flat_summary = flat(summary or {})
-    metrics = {metric_key(k): v for k, v in flat_summary.items() if finite(v)}
+    step = max(logged_iterations(ts, parent_id), default=0)  # after the per-iteration history, not before
+    metrics = {metric_key("summary", k): v for k, v in flat_summary.items() if finite(v)}
+    metrics = {k: v for k, v in metrics.items() if all(m.step != step for m in c.get_metric_history(parent_id, k))}
     tags = {f"rooflab.summary.{metric_key(k)}": v for k, v in flat_summary.items() if not finite(v)}
     tags[STOP_REASON] = stop_reason
-    step = max(logged_iterations(ts, parent_id), default=0)  # after the per-iteration history, not before
     log_batch(ts, parent_id, metrics=metrics, tags=tags, step=step)
     ts.client.log_text(parent_id, dumps({"stop_reason": stop_reason, "summary": summary or {}}), "summary.json")
     ts.client.set_terminated(parent_id, status)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the view a person opens (MLflow 3.17.2's UI)
+
+VIEW_ID = "rooflab-learning-curves"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_ID}"  # the UI's saved views: one experiment tag each ("Views" menu)
+VIEW_NAME = "rooflab: learning curves (MAPE, GPU-hours, β)"
+_SECTIONS = (("rooflab-accuracy", "Accuracy and budget per iteration"),
+             ("rooflab-coefficients", "Coefficients per iteration (value, interval bounds)"))
+
+
+def _line_chart(uuid: str, section: str, keys: list[str], title: str) -> dict[str, Any]:
+    """A line chart card as the UI stores one (RunsChartsLineCardConfig): ``keys`` against the step."""
+    return {"uuid": uuid, "type": "LINE", "runsCountToCompare": 10, "metricSectionId": section, "deleted": False,
+            "isGenerated": False, "displayName": title, "metricKey": keys[0], "selectedMetricKeys": keys,
+            "lineSmoothness": 0, "xAxisScaleType": "linear", "scaleType": "linear", "range": {},
+            "xAxisKey": "step", "selectedXAxisMetricKey": "", "displayPoints": True, "yAxisKey": "metric",
+            "yAxisExpressions": [], "ignoreOutliers": False, "useGlobalXaxisKey": False,
+            "useGlobalLineSmoothing": False}
+
+
+def view_state(coefficients: list[str]) -> dict[str, Any]:
+    """rooflab's saved view of a campaign experiment. Runs table: grouped by ``rooflab.role`` (the iterations
+    are rows of their own, not hidden under the collapsed parent), columns MAPE (held-out, train), GPU-hours,
+    steps, then every coefficient. Chart view: MAPE and GPU-hours, then each coefficient with its interval
+    bounds, against the iteration (the parent's learning curves; each iteration run adds its own point).
+    ``coefficients``: the coefficient metric names (``beta1``, …, ``alpha0`` …)."""
+    cols = [f"metrics.`{k}`" for k in (*HEADLINE, "gpu_hours", "n_steps", *coefficients)]
+    charts = [_line_chart("rooflab-mape", _SECTIONS[0][0], list(HEADLINE), "MAPE (held-out, train) per iteration"),
+              _line_chart("rooflab-gpu-hours", _SECTIONS[0][0], ["gpu_hours"], "GPU-hours spent (cumulative)")]
+    charts += [_line_chart(f"rooflab-{k}", _SECTIONS[1][0], [k, f"{k}.lower", f"{k}.upper"], f"{k} [interval]")
+               for k in coefficients]
+    return {"selectedColumns": cols, "columnOrder": cols,
+            "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": ROLE}]},
+            "useGroupedValuesInCharts": False,
+            "compareRunCharts": charts,
+            "compareRunSections": [{"uuid": u, "name": n, "display": True, "isReordered": False, "deleted": False,
+                                    "isGenerated": False} for u, n in _SECTIONS],
+            "isAccordionReordered": True, "hideEmptyCharts": True,
+            "orderByKey": "attributes.start_time", "orderByAsc": False}
+
+
+def save_view(ts: TrackingStore, experiment_id: str, coefficients: list[str]) -> None:
+    """Write (or update) rooflab's saved view on the experiment (:data:`VIEW_TAG`), in the envelope the UI's
+    "Views" menu reads: ``{"name", "createdAt", "updatedAt", "state"}`` with the state as a JSON string."""
+    c = ts.client
+    now = int(time.time() * 1000)
+    try:
+        created = int(json.loads(c.get_experiment(experiment_id).tags.get(VIEW_TAG, "{}")).get("createdAt", now))
+    except (ValueError, TypeError, AttributeError):
+        created = now
+    state = json.dumps(view_state(coefficients), separators=(",", ":"))
+    c.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps({"name": VIEW_NAME, "createdAt": created,
+                                                              "updatedAt": now, "state": state}))
+
+
+def experiment_url(ts: TrackingStore, campaign: str, base: str = "http://127.0.0.1:5000", *,
+                   charts: bool = True) -> str:
+    """The campaign's experiment in ``mlflow ui`` at ``base``: the "Model training" layout, rooflab's saved
+    view, the chart view (learning curves) or the runs table (``charts=False``)."""
+    exp = experiment(ts, campaign, create=False)
+    if exp is None:
+        raise InputError(None, "campaign", f"no campaign {campaign!r} in {ts.uri}")
+    query = {"workflowType": "machine_learning"}
+    if VIEW_TAG in exp.tags:
+        query["viewStateShareKey"] = VIEW_ID
+    if charts:
+        query["compareRunsMode"] = "CHART"
+    return f"{base.rstrip('/')}/#/experiments/{exp.experiment_id}/runs?{urllib.parse.urlencode(query)}"

@@ -1,5 +1,16 @@
 """What an iteration logs to MLflow: metric and param names MLflow accepts, the metrics and params of one
-calibration, and batched logging within MLflow's limits."""
+calibration, and batched logging within MLflow's limits.
+
+What the MLflow UI (3.17.2) does with them, and why the names and order are as they are:
+
+* The compare-runs view's parallel-coordinates plot starts with the first three params, sorted by name, whose
+  values differ between the compared runs, and the first metric the runs share, in the order the runs logged
+  their metrics. So an iteration logs its headline metrics first (held-out MAPE, then train MAPE) and keeps
+  per-iteration counts (steps saturated or held out, runs, bootstrap units) as metrics (``n_*``), not params:
+  params are the fit's setup; the few that change between iterations (``data.steps``, ``data.requests``,
+  ``prior_strength``) are the axes worth plotting.
+* The parent run's learning curves (:func:`parent_metrics`) are the per-iteration metrics a person reads first.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +28,7 @@ from rooflab.model import export
 from tracking.store import TrackingStore
 
 BATCH = 900  # metrics per log_batch (MLflow's limit is 1000 entities per call, 100 params/tags)
+HEADLINE = ("mape.validation", "mape.train")  # logged first: the compare view plots a run's first metric
 SKIP_BUCKET_DIMENSIONS = ("run_id",)  # one metric per run would flood the UI; the CSV artifact has them
 
 
@@ -83,9 +95,13 @@ def _cv(calib: Calibration) -> dict[str, float]:
 
 
 def iteration_metrics(calib: Calibration, *, gpu_seconds: float | None, n_picks: int) -> dict[str, float]:
-    """The metrics of one iteration (docs/spec.md §10)."""
+    """The metrics of one iteration (docs/spec.md §10), headline metrics first (:data:`HEADLINE`)."""
     doc = calib.to_dict()
     m: dict[str, Any] = {}
+    for split, acc in (doc.get("accuracy") or {}).items():
+        if metric_key("mape", split) in HEADLINE and numeric(acc.get("mape")):
+            m[metric_key("mape", split)] = acc["mape"]
+    m = {k: m[k] for k in HEADLINE if k in m}
     cv = _cv(calib)
     for name, co in doc["beta"]["coefficients"].items():
         m[metric_key(name)] = co.get("value")
@@ -123,8 +139,11 @@ def iteration_metrics(calib: Calibration, *, gpu_seconds: float | None, n_picks:
     total = (doc.get("routing") or {}).get("total") or {}
     m["n_steps"] = total.get("steps")
     m["n_steps_fit"] = total.get("fit")
-    m["n_runs"] = len((doc.get("routing") or {}).get("per_run") or {})
+    m["n_steps_saturated"] = total.get("saturated")
+    m["n_steps_validation"] = total.get("held_out_validation")
+    m["n_runs"] = len((doc.get("routing") or {}).get("per_run") or {}) or len(doc["beta"].get("runs") or [])
     m["n_requests"] = a.get("n_requests", 0) if a.get("fitted") else 0
+    m["n_bootstrap_units"] = (doc["beta"].get("bootstrap") or {}).get("units")
     if gpu_seconds is not None:
         m["gpu_hours"] = float(gpu_seconds) / 3600.0
     m["n_picks"] = n_picks
@@ -132,6 +151,9 @@ def iteration_metrics(calib: Calibration, *, gpu_seconds: float | None, n_picks:
 
 
 def iteration_params(calib: Calibration, extra_params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fit's setup, plus the data volume (``data.steps``, ``data.requests``) and the prior strength it chose:
+    the params that differ between iterations are the compare view's plot axes. Counts that only describe the
+    data further are metrics (``n_runs``, ``n_steps_saturated``, ``n_steps_validation``, ``n_bootstrap_units``)."""
     doc = calib.to_dict()
     b = doc["beta"]
     total = (doc.get("routing") or {}).get("total") or {}
@@ -139,16 +161,36 @@ def iteration_params(calib: Calibration, extra_params: dict[str, Any] | None = N
     boot = b.get("bootstrap") or {}
     opts = doc.get("options") or {}
     p = {
-        "data.steps": total.get("steps"), "data.steps_fit": total.get("fit"),
-        "data.steps_saturated": total.get("saturated"), "data.steps_validation": total.get("held_out_validation"),
-        "data.runs": len((doc.get("routing") or {}).get("per_run") or {}) or len(b.get("runs") or []),
-        "data.requests": a.get("n_requests", 0) if a.get("fitted") else 0,
+        "data.steps": total.get("steps"), "data.requests": a.get("n_requests", 0) if a.get("fitted") else 0,
         "variant": b.get("variant"), "formulas": b.get("formulas"),
         "prior_strength": b.get("prior_strength"), "prior_option": opts.get("prior_strength"),
         "prior_selection": (b.get("prior_selection") or {}).get("method"),
-        "bootstrap.unit": boot.get("unit"), "bootstrap.units": boot.get("units"),
-        "bootstrap.draws": boot.get("draws"), "interval": b.get("interval"), "seed": opts.get("seed"),
-        "step_time_formula": export.to_json(doc)["step_time_formula"],
+        "bootstrap.unit": boot.get("unit"), "bootstrap.draws": boot.get("draws"), "interval": b.get("interval"),
+        "seed": opts.get("seed"), "step_time_formula": export.to_json(doc)["step_time_formula"],
     }
     p.update({metric_key(k): v for k, v in flat(extra_params or {}).items()})
     return {k: v for k, v in p.items() if v is not None}
+
+
+def coefficient_names(calib: Calibration) -> list[str]:
+    """Metric names of the fitted coefficients: every β, then α when fitted."""
+    doc = calib.to_dict()
+    names = list(doc["beta"]["coefficients"])
+    a = doc.get("alpha") or {}
+    if a.get("fitted"):
+        names += list(a["coefficients"])
+    return [metric_key(n) for n in names]
+
+
+def coefficient_keys(calib: Calibration) -> list[str]:
+    """:func:`coefficient_names`, each followed by its interval bounds (``.lower``, ``.upper``)."""
+    return [f"{n}{suffix}" for n in coefficient_names(calib) for suffix in ("", ".lower", ".upper")]
+
+
+def parent_metrics(calib: Calibration, metrics: dict[str, float]) -> dict[str, float]:
+    """What the campaign's parent run logs per iteration (step = iteration): its charts are the campaign's
+    learning curves. Held-out and train MAPE, GPU-hours so far, every coefficient with its interval bounds,
+    then the data volume and the health counters."""
+    keys = [*HEADLINE, "gpu_hours", *coefficient_keys(calib), "n_steps", "n_runs", "condition_number", "hotspots",
+            "n_picks"]
+    return {k: metrics[k] for k in keys if k in metrics}

@@ -76,7 +76,7 @@ import random
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rooflab.twin.records import (
     ABORTED,
@@ -101,6 +101,17 @@ FINISH_STATUS = {"stop": "stopped", "stopped": "stopped", "length": "length", "a
                  "aborted": "aborted", "error": "error", "ignored": "ignored"}
 _JOURNEY = (QUEUED, SCHEDULED, FIRST_TOKEN, PREEMPTED, FINISHED)
 _API = (ARRIVED, DEPARTED, ABORTED)
+
+
+class ByteSink(Protocol):
+    """Where a TraceWriter's lines go: its file, or a writer thread around it
+    (:class:`rooflab.twin.trace_thread.BackgroundTraceWriter`)."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def _jfloat(x: float) -> str:
@@ -158,7 +169,7 @@ class TraceWriter:
         self._rng = random.Random(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
         self._resource = _resource(service_name)
         self._lock = threading.Lock()
-        self._fh = open(self.path, "ab" if append else "wb")
+        self._fh: ByteSink = open(self.path, "ab" if append else "wb")
         self._closed = False
         # scheduler_steps span state
         self._span_seq = 0
