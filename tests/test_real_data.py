@@ -80,3 +80,16 @@ def test_plain_roofline7_cannot_transfer_across_models(real):
     plain = leave_one_model_out(real, Options(variant="roofline7")).set_index("held_out")["median_ape"]
     layers = leave_one_model_out(real, Options(variant="roofline7+layers")).set_index("held_out")["median_ape"]
     assert (plain > 1.5 * layers).all(), (plain, layers)
+
+
+@needs_real
+def test_evaluate_adds_the_requested_variant_under_the_formulas_it_can_use(real):
+    """`rooflab fit --evaluate --variant V` reports V beside the reference variants; BLIS's basis only under its
+    own formulas (the variant comparison table of the README comes from this)."""
+    from rooflab.fit.crossval import evaluate
+
+    table = evaluate(real, Options(variant="blis-tp10"), variants=("roofline7+layers",), formulas=("vllm",))
+    combos = set(zip(table["variant"], table["formulas"]))
+    assert combos == {("roofline7+layers", "vllm"), ("blis-tp10", "blis")}
+    cross = table[(table["kind"] == "leave-one-model-out")].set_index(["variant", "held_out"])["median_ape"]
+    assert len(cross) == 4 and cross.notna().all()

@@ -61,14 +61,18 @@ def leave_one_model_out(steps: pd.DataFrame, options: Options, features: pd.Data
 
 def evaluate(steps: pd.DataFrame, options: Options, variants: Sequence[str] = ("roofline7", "roofline7+layers"),
              formulas: Sequence[str] = ("vllm", "design")) -> pd.DataFrame:
-    """Leave-one-model-out, leave-one-run-out within each model with ≥ 2 runs, and pooled in-sample,
-    for each model variant and feature formula set."""
+    """Leave-one-model-out, leave-one-run-out within each model with ≥ 2 runs, and pooled in-sample, for each
+    model variant (and ``options.variant``, when it is not among them) under each feature formula set it can use
+    (a variant whose formulas are none of ``formulas``, e.g. BLIS's basis, under its own)."""
     model = steps["model"].astype(str).to_numpy()
     run = steps["run_id"].astype(str).to_numpy()
+    names = list(dict.fromkeys([*variants, options.variant]))
+    combos = [(v, f) for v in names for f in (
+        [f for f in formulas if f in get_variant(v).formulas] or [get_variant(v).default_formulas])]
     tables = []
-    for form in formulas:
+    for form in dict.fromkeys(f for _, f in combos):
         feats = featurize(steps, form, fp8_peak=options.fp8_peak)
-        for v in variants:
+        for v in [v for v, f in combos if f == form]:
             opt = Options(**{**options.__dict__, "variant": v, "formulas": form})
             everything = np.ones(len(steps), bool)
             tables.append(held_out_errors(steps, [("pooled (in-sample)", everything, everything)], opt, feats)

@@ -60,6 +60,25 @@ class SummaryTarget:
         return keys if (per_stage and keys) else [OVERALL]
 
 
+def trace_target(trace: Trace, name: str = "") -> SummaryTarget:
+    """A per-request trace as one more training experiment of a summary-level fit: the measured mean TTFT and E2E
+    (µs) of its successful requests, over the whole run and per stage where the trace has a ``stage`` column."""
+    q = trace.requests
+    ok = ~q["failed"].to_numpy(dtype=bool) if "failed" in q else np.ones(len(q), bool)
+    for col in ("ttft_us", "e2e_us"):
+        if col not in q or not np.isfinite(q[col].to_numpy(dtype=float)[ok]).any():
+            raise InputError(trace.source or None, col, f"run {trace.run_id}: no measured {col} to calibrate to")
+    ttft, e2e = q["ttft_us"].to_numpy(dtype=float), q["e2e_us"].to_numpy(dtype=float)
+    good = ok & np.isfinite(ttft) & np.isfinite(e2e)
+    means = {OVERALL: (float(ttft[good].mean()), float(e2e[good].mean()))}
+    if "stage" in q:
+        stage = q["stage"].to_numpy()
+        for k in sorted(set(stage[good].tolist())):
+            m = good & (stage == k)
+            means[f"stage_{int(k)}"] = (float(ttft[m].mean()), float(e2e[m].mean()))
+    return SummaryTarget(trace, means, name or trace.run_id)
+
+
 @dataclass(frozen=True)
 class SummaryOptions:
     prior_strength: float = 1e-2  # λ: squared relative error one unit of (θ − θ_prior)/scale is worth
