@@ -108,6 +108,10 @@ def campaign_cmd(
     accept_changed_inputs: bool = typer.Option(False, help="go on when a completed iteration's fitted runs changed "
                                                            "(deleted, quarantined, re-collected): new iterations fit "
                                                            "the data the store holds now, and the change is recorded"),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="log to this MLflow tracking server "
+                                            "(http://host:5000) instead of --mlruns"),
+    pool: str | None = typer.Option(None, "--pool", help="run each collection run on this Prefect work pool's workers "
+                                    "(rooflab serve deploys rooflab-run/POOL) instead of in this process"),
 ):
     """Run the active-learning campaign (Prefect flow, MLflow tracking) until the stop rule. Resumable. The loop
     settings come from the campaign's `loop:` section; a flag overrides one for this run."""
@@ -118,7 +122,15 @@ def campaign_cmd(
                  if v is not None}
     camp = load_campaign(campaign).with_loop(**overrides)  # one-line errors before anything starts
     check_writable_folder(store, "--store")
-    check_writable_folder(mlruns, "--mlruns")
+    if tracking_uri is None:
+        check_writable_folder(mlruns, "--mlruns")
+    else:
+        from tracking.store import is_server
+
+        if not is_server(tracking_uri):
+            raise InputError(None, "--tracking-uri",
+                             f"expected an http(s):// URL of an MLflow server, got {tracking_uri!r}")
+    where = tracking_uri or str(mlruns)
 
     import os
 
@@ -135,13 +147,13 @@ def campaign_cmd(
     # the campaign lock before Prefect starts: a second start is refused in one line, at once (the flow takes the
     # same lock again, nested in this process)
     with Store(store).campaign_lock(camp.name):
-        result = campaign_flow(campaign=campaign, store=str(store), mlruns=str(mlruns),
+        result = campaign_flow(campaign=campaign, store=str(store), mlruns=where,
                                launcher="direct" if fast else "inference-perf", overrides=overrides,
-                               accept_changed_inputs=accept_changed_inputs)
+                               accept_changed_inputs=accept_changed_inputs, pool=pool)
     print()
     print(f"campaign {result['campaign']}: {result['iterations']} iterations, "
           f"{result['gpu_hours']:.3f} GPU-hours, stopped: {result['stop_reason']}")
-    ts = open_tracking(mlruns)
+    ts = open_tracking(where)
     table = compare_campaigns(ts, [result["campaign"]])
     if len(table):
         print(compare_table(table))
@@ -150,31 +162,98 @@ def campaign_cmd(
         print(f"BLIS coefficients:   {result['blis_coefficients']}  (the last calibration, BLIS defaults.yaml layout)")
         print(f"provenance record:   {result['provenance']}")
         print(f"rooflab coefficients: {result['coefficients']}  (replay with `rooflab replay --coefficients ...`)")
-    print(f"open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {ts.uri} --port 5000")
+    print(f"open the MLflow UI:  {ts.uri}" if tracking_uri else
+          f"open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {ts.uri} --port 5000")
     print(f"compare campaigns:   .venv/bin/rooflab compare {result['campaign']}")
 
 
 @app.command("serve")
 def serve_cmd(
-    campaign: str = typer.Option("demo", help="campaign config whose schedule and triggers to serve"),
-    store: Path = typer.Option(Path("store")),
-    mlruns: Path = typer.Option(Path("mlruns")),
-    launcher: str = typer.Option("inference-perf"),
+    campaign: str = typer.Option("demo", help="campaign config whose deployments to register (a path the workers can "
+                                              "read, or a shipped name)"),
+    store: Path = typer.Option(Path("store"), help="the data store: a path every worker sees (shared filesystem)"),
+    mlruns: Path = typer.Option(Path("mlruns"), help="the MLflow store folder (one machine)"),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="an MLflow tracking server "
+                                            "(http://host:5000) every worker logs to, instead of --mlruns"),
+    launcher: str = typer.Option("inference-perf", help="inference-perf | direct | kubernetes"),
+    pool: str = typer.Option("rooflab", help="the Prefect work pool to deploy to (created if missing)"),
+    pool_type: str = typer.Option("process", "--pool-type", help="process | kubernetes (prefect-kubernetes' worker; "
+                                  "the base job template adds GPU, node-selector and data-store variables)"),
+    gpus: list[str] | None = typer.Option(None, "--gpus", help="HARDWARE=N: the cluster has N GPUs of that kind "
+                                          "(sets the global concurrency limit gpu:HARDWARE); repeatable"),
+    image: str | None = typer.Option(None, help="kubernetes pool: the image of the flow-run pods"),
+    namespace: str = typer.Option("rooflab", help="kubernetes pool: the namespace of the flow-run pods"),
+    store_claim: str = typer.Option("rooflab-store", help="kubernetes pool: the data store's PersistentVolumeClaim"),
+    job_template_out: Path | None = typer.Option(None, help="kubernetes pool: also write the base job template here "
+                                                 "(JSON, for `prefect work-pool create --base-job-template`)"),
+    local: bool = typer.Option(False, "--local", help="serve the deployments from this process instead (no pool; "
+                               "the campaign's runs are tasks of its flow)"),
 ):
-    """Serve the deployments: the scheduled campaign (cron from the config), the refit on
-    rooflab.data.arrived and the new-model trigger. Needs a Prefect server (`prefect server start`)."""
+    """Register the campaign's deployments on a work pool — the campaign (on its cron schedule, if any), the refit on
+    rooflab.data.arrived, the new-model trigger, and the per-run flow rooflab-run/POOL — so that
+    `prefect worker start --pool POOL` on any number of machines executes them, each collection run in its own
+    process (or pod), holding TP slots of gpu:HARDWARE. Needs a Prefect server (PREFECT_API_URL)."""
     from rooflab.collect.spec import load_campaign
 
     camp = load_campaign(campaign)
-    check_writable_folder(store, "--store")
-    check_writable_folder(mlruns, "--mlruns")
-    from flows.deployments import build_deployments, next_fire_times, serve_all
+    hw_gpus = _parse_gpus(gpus or [])
+    where = tracking_uri or str(mlruns)
+    if tracking_uri is not None:
+        from tracking.store import is_server
 
-    for d in build_deployments(campaign, store=str(store), mlruns=str(mlruns), launcher=launcher):
-        print(f"deployment {d.name}")
+        if not is_server(tracking_uri):
+            raise InputError(None, "--tracking-uri",
+                             f"expected an http(s):// URL of an MLflow server, got {tracking_uri!r}")
+    else:
+        check_writable_folder(mlruns, "--mlruns")
+    check_writable_folder(store, "--store")
+    from flows.deployments import build_deployments, deploy_to_pool, next_fire_times, serve_all
+
+    if local:
+        for d in build_deployments(campaign, store=str(store), mlruns=where, launcher=launcher):
+            print(f"deployment {d.name}")
+        if camp.schedule:
+            print("next scheduled runs: " + ", ".join(t.isoformat() for t in next_fire_times(camp.schedule)))
+        serve_all(campaign, store=str(store), mlruns=where, launcher=launcher)
+        return
+    from flows.gpu_slots import set_gpus
+    from flows.work_pool import ensure_pool, kubernetes_job_template
+
+    template = None
+    if pool_type == "kubernetes":
+        template = kubernetes_job_template(image=image, namespace=namespace, store_claim=store_claim,
+                                           store_mount=str(store.absolute()))
+        if job_template_out is not None:
+            job_template_out.write_text(json_dumps(template))
+            print(f"base job template: {job_template_out}")
+    print(ensure_pool(pool, pool_type, template))
+    for hw, n in hw_gpus.items():
+        print(f"global concurrency limit {set_gpus(hw, n)}: {n} slots")
+    spec = campaign if not Path(campaign).is_file() else str(Path(campaign).absolute())
+    ids = deploy_to_pool(spec, pool, store=str(store.absolute()),
+                         mlruns=where if tracking_uri else str(mlruns.absolute()), launcher=launcher,
+                         image=image if pool_type == "kubernetes" else None)
+    print(f"{len(ids)} deployments on work pool {pool}")
     if camp.schedule:
         print("next scheduled runs: " + ", ".join(t.isoformat() for t in next_fire_times(camp.schedule)))
-    serve_all(campaign, store=str(store), mlruns=str(mlruns), launcher=launcher)
+    print(f"start workers:   prefect worker start --pool {pool}" + (" --type kubernetes" if pool_type == "kubernetes"
+                                                                   else ""))
+    print(f"run it now:      prefect deployment run 'rooflab-campaign/{camp.name}"
+          + ("-scheduled'" if camp.schedule else "'"))
+
+
+def _parse_gpus(items: list[str]) -> dict[str, int]:
+    """``--gpus H100-SXM=16`` → {"H100-SXM": 16}; the hardware must be a shipped datasheet."""
+    from rooflab.model.hardware import load_hardware
+
+    out: dict[str, int] = {}
+    for item in items:
+        hw, _, n = item.partition("=")
+        if not hw or not n.strip().isdigit() or int(n) < 1:
+            raise InputError(None, "--gpus", f"expected HARDWARE=N with N >= 1, got {item!r}")
+        load_hardware(hw)  # a one-line error for an unknown hardware name
+        out[hw] = int(n)
+    return out
 
 
 def _design_points(camp, design: str):

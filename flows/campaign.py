@@ -29,20 +29,21 @@ from rooflab.campaign.loop import (
     IterationRecord,
     run_campaign,
 )
-from rooflab.collect.collector import Launcher
-from rooflab.collect.launchers.factory import close_launcher, make_launcher
+from rooflab.collect.collector import Launcher, RunExecutor
+from rooflab.collect.launchers import RunResult
+from rooflab.collect.launchers.factory import close_launcher
 from rooflab.collect.spec import Campaign, load_campaign
 from rooflab.data.locks import Claim
-from rooflab.data.store import CampaignCheck, Store, StorePlans, engine_scope, run_sources
+from rooflab.data.store import CampaignCheck, RunDir, Store, StorePlans, engine_scope, run_sources
 from rooflab.data.sweep import SweepPoint
 from rooflab.errors import InputError
 from rooflab.fit.calibration import Calibration, Options
 from rooflab.model.provenance import current_command
 from rooflab.targeting.strategies import Spend, make_targeting
 from tasks.analyze import calibrate_from_store, heldout_replay_error
-from tasks.launch import collect_points
+from tasks.launch import build_launcher, collect_points
 from tracking.campaign_runs import finish_campaign, iteration_folder, log_iteration, start_campaign
-from tracking.store import TrackingStore, open_tracking
+from tracking.store import TrackingStore, open_tracking, work_root
 
 
 @dataclass
@@ -57,6 +58,7 @@ class FlowSteps(CampaignSteps):
     work: Path  # local folder for plots and artifact files
     report: Callable[[str], None] = print
     lock: Claim | None = None  # the campaign's lock, held for the whole run
+    executor: RunExecutor | None = None  # where runs execute: Prefect tasks of this flow (None) or a work pool
     points: dict[int, list[SweepPoint]] = field(default_factory=dict)  # each iteration's, as collected
     fitted: dict[str, str] = field(default_factory=dict)  # the runs the last calibration fitted -> fingerprint
 
@@ -81,8 +83,11 @@ class FlowSteps(CampaignSteps):
         self.check_lock()
         self.points[iteration] = points
         self.verify()  # a damaged run of this iteration is quarantined here and collected again below
-        prog = collect_points(self.store, self.launcher, c.name, points, concurrency=c.collection.concurrency,
-                              max_retries=c.collection.max_retries, replicates=c.replicates)
+        # on a work pool every run of the iteration is submitted at once: the GPU-slot limits hold them back
+        concurrency = c.collection.concurrency if self.executor is None else len(points) * c.replicates
+        pool = {} if self.executor is None else {"executor": self.executor}
+        prog = collect_points(self.store, self.launcher, c.name, points, concurrency=concurrency,
+                              max_retries=c.collection.max_retries, replicates=c.replicates, **pool)
         for line in prog.warnings:
             self.report(f"warning: {line}")
         reasons = tuple(sorted({str(m.get("reason", "")) for m in prog.runs if m["status"] == "failed"}))
@@ -143,14 +148,42 @@ class FlowSteps(CampaignSteps):
                                   **engine_scope(self.store, runs)})
 
 
+@dataclass(frozen=True)
+class OnWorkers:
+    """The launcher's place in a campaign whose runs execute on a work pool: named, never run here."""
+
+    name: str
+
+    def run(self, point: SweepPoint, rd: RunDir) -> RunResult:
+        raise RuntimeError(f"runs of a work-pool campaign execute on the pool's workers, not in the campaign's flow "
+                           f"({self.name})")
+
+    def close(self) -> None:
+        pass
+
+
+def pool_executor(camp: Campaign, campaign: str, launcher: str, pool: str) -> RunExecutor:
+    """The executor that sends the campaign's runs to ``pool``, after checking that every combo fits its GPU limit
+    (``gpu:<hardware>``) — one line before anything is submitted otherwise."""
+    from flows.gpu_slots import check_fits
+    from flows.pool_executor import PoolExecutor
+
+    for combo in camp.combos:
+        check_fits(combo.hardware, combo.tp)
+    return PoolExecutor(pool, campaign, launcher)
+
+
 @flow(name="rooflab-campaign", log_prints=True)
 def campaign_flow(campaign: str = "demo", store: str = "store", mlruns: str = "mlruns",
                   launcher: str = "inference-perf", overrides: dict[str, Any] | None = None,
-                  accept_changed_inputs: bool = False) -> dict[str, Any]:
+                  accept_changed_inputs: bool = False, pool: str | None = None) -> dict[str, Any]:
     """Run (or resume) a campaign until the stop rule. ``overrides``: loop settings that replace the spec's
     (``batch_size``, ``max_iterations``, ``variant``, ``formulas``, ``targeting``, ``n_boot``, ``replay_stop``).
     ``accept_changed_inputs``: go on when a completed iteration's inputs changed (see
-    :mod:`rooflab.campaign.loop`)."""
+    :mod:`rooflab.campaign.loop`). ``mlruns``: a folder, or a tracking server's URL. ``pool``: run each collection
+    run as a flow run of ``rooflab-run/<pool>`` on that work pool's workers (each in its own process or pod, holding
+    ``tp`` slots of ``gpu:<hardware>``) instead of as tasks of this flow; ``store`` and ``campaign`` must then be
+    paths the workers see."""
     camp = load_campaign(campaign)
     if overrides:
         camp = camp.with_loop(**overrides)
@@ -158,19 +191,20 @@ def campaign_flow(campaign: str = "demo", store: str = "store", mlruns: str = "m
     with st.campaign_lock(camp.name) as lock:
         if lock.previous is not None:
             print(f"warning: campaign {camp.name}: took over the stale lock of {lock.previous.describe()}")
-        return _run(camp, st, mlruns, launcher, overrides, accept_changed_inputs, lock)
+        executor = pool_executor(camp, campaign, launcher, pool) if pool else None
+        return _run(camp, st, mlruns, launcher, overrides, accept_changed_inputs, lock, executor)
 
 
 def _run(camp: Campaign, st: Store, mlruns: str, launcher: str, overrides: dict[str, Any] | None,
-         accept_changed_inputs: bool, lock: Claim) -> dict[str, Any]:
-    lau = make_launcher(camp, launcher, st.root)
-    ts = open_tracking(Path(mlruns))
+         accept_changed_inputs: bool, lock: Claim, executor: RunExecutor | None = None) -> dict[str, Any]:
+    lau: Launcher = build_launcher(camp, launcher, st.root) if executor is None else OnWorkers(launcher)
+    ts = open_tracking(mlruns)
     loop = camp.loop
     parent = start_campaign(ts, camp.name, params={
         "campaign": camp.name, "launcher": launcher, "budget_gpu_hours": camp.budget_gpu_hours,
         "combos": ", ".join(f"{c.model}/tp{c.tp}" for c in camp.combos), **loop.model_dump(),
         "overrides": ", ".join(sorted(overrides or {})) or "none"})
-    steps = FlowSteps(camp, st, lau, ts, parent, Path(mlruns) / "work" / camp.name, lock=lock)
+    steps = FlowSteps(camp, st, lau, ts, parent, work_root(mlruns) / camp.name, lock=lock, executor=executor)
     try:
         steps.verify()  # before the loop reads the store: damaged runs go to quarantine first
         outcome = run_campaign(camp, steps, StorePlans(st, camp.name), make_targeting(loop.targeting, seed=camp.seed),

@@ -22,7 +22,6 @@ spec (``loop.variant``, ``loop.formulas``, ``loop.n_boot``), like the campaign's
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -61,7 +60,7 @@ def refit_flow(campaign: str, store: str = "store", mlruns: str = "mlruns", reas
     loop = camp.loop
     variant = get_variant(loop.variant).name
     formulas = resolve_formulas(variant, loop.formulas)
-    ts = open_tracking(Path(mlruns))
+    ts = open_tracking(mlruns)
     scope = store_scope(store, camp.name)
     name = registered_name(scope)
     champ = registry_champion(ts, name)

@@ -4,7 +4,6 @@ coefficients on it; and the new-model trigger (V1 first, then a full sweep if V1
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -21,7 +20,7 @@ from rooflab.replay.heldout import store_replay_error
 from tasks.analyze import calibrate_from_store
 from tasks.launch import collect_points
 from tracking.campaign_runs import log_refit
-from tracking.store import open_tracking
+from tracking.store import open_tracking, work_root
 
 NEW_MODEL_MAPE_LIMIT = 0.10
 
@@ -49,13 +48,13 @@ def validate_flow(campaign: str, model: str, tp: int, hardware: str | None = Non
     loop = camp.loop
     calib = calibrate_from_store(str(st.root), camp.name,
                                  Options(variant=loop.variant, formulas=loop.formulas, n_boot=50),
-                                 str(Path(mlruns) / "work" / camp.name / "validate"))
+                                 str(work_root(mlruns) / camp.name / "validate"))
     ids = {rid for rid, _, _ in plan(camp.name, points) if st.status(rid) in COMPLETE}
     table = calib.residuals
     rows = table[(table.split == "validation") & (table.dimension == "run_id") & table.bucket.isin(ids)]
     mape = float((rows.mape * rows.steps).sum() / rows.steps.sum()) if len(rows) else float("nan")
-    run = log_refit(open_tracking(Path(mlruns)), camp.name, calib,
-                    artifacts_dir=Path(mlruns) / "work" / camp.name / "validate",
+    run = log_refit(open_tracking(mlruns), camp.name, calib,
+                    artifacts_dir=work_root(mlruns) / camp.name / "validate",
                     reason=f"validate {model} tp{tp}: V1 MAPE {mape:.1%}")
     print(f"V1 on {model} TP{tp}: {len(ids)} runs, step-time MAPE {mape:.1%} with the current coefficients")
     replay = replay_verdict(st, calib, sorted(ids))

@@ -26,7 +26,7 @@ from rooflab.replay.interval_plots import plot_calibration, plot_intervals
 from rooflab.replay.intervals import coverage, coverage_curve, replay_intervals
 from rooflab.replay.promotion import Decision, PromotionRule, decide, run_error
 from tracking.registry import RegisteredCalibration, campaign_scope, promote, record_decision, register
-from tracking.store import open_tracking
+from tracking.store import open_tracking, work_root
 
 FIT_STATUSES = ("ok",)  # runs whose steps are fitted (as tasks.analyze.calibrate_from_store)
 ALPHA_STATUSES = ("ok", "saturated")  # runs whose requests feed α
@@ -106,7 +106,7 @@ def register_and_decide(mlruns: str, name: str, coefs: Coefficients, state: FitS
                         ) -> tuple[RegisteredCalibration, Decision]:
     """Register the refit as a new version (alias ``challenger``), decide on the held-out errors, promote it to
     ``champion`` when the rule says so, and log the decision with its before/after table."""
-    ts = open_tracking(Path(mlruns))
+    ts = open_tracking(mlruns)
     reg = register(ts, name, coefs, state, run_id=run_id, scope=scope, provenance=provenance, tags=tags)
     decision = decide(champion_errors if champion is not None else None, challenger_errors, rule)
     if decision.promote:
@@ -160,4 +160,4 @@ def interval_report(store_root: str, campaign: str, coefs: Coefficients, out_dir
 
 
 def work_dir(mlruns: str, campaign: str) -> Path:
-    return Path(mlruns) / "work" / campaign / "refit"
+    return work_root(mlruns) / campaign / "refit"

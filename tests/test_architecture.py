@@ -1,12 +1,13 @@
 """The import contract (README "Architecture"), checked on every import statement of the tree — including the
 ones inside functions, which an import-time check would miss:
 
-* the core (``rooflab/``) imports neither Prefect, MLflow, typer nor the app packages (``flows``, ``tasks``,
-  ``tracking``, ``cli``);
+* the core (``rooflab/``) imports neither Prefect, MLflow, typer, the Kubernetes client nor the app packages
+  (``flows``, ``tasks``, ``tracking``, ``cli``, ``cluster``);
 * the core's packages form layers, each importing only the layers below it (so no two import each other):
   base (errors, files, paths) < model < data < twin < replay < fit < collect < targeting < campaign < evaluation;
 * the app layers: ``tracking`` imports no Prefect, ``flows``/``tasks``; ``tasks`` imports no ``flows`` or
-  ``cli``; ``flows`` imports no ``cli``;
+  ``cli``; ``flows`` imports no ``cli``; ``cluster`` (services, the Kubernetes launcher) imports no Prefect, MLflow,
+  ``flows``, ``tasks``, ``tracking`` or ``cli``;
 * no module of the core is longer than ~500 lines without a written reason at its top.
 """
 
@@ -20,8 +21,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("base", "model", "data", "twin", "replay", "fit", "collect", "targeting", "campaign", "evaluation")
 BASE_MODULES = {"errors", "files", "paths"}
-APP = ("flows", "tasks", "tracking", "cli")
-CORE_FORBIDDEN = ("prefect", "mlflow", "typer", *APP)
+APP = ("flows", "tasks", "tracking", "cli", "cluster")
+CORE_FORBIDDEN = ("prefect", "mlflow", "typer", "kubernetes", "prefect_kubernetes", *APP)
 MAX_LINES = 550  # "~500": a module over this needs its reason at the top
 LONG_REASON = "Why this module is long:"
 
@@ -90,7 +91,8 @@ def test_core_layers_only_import_downwards():
 
 
 @pytest.mark.parametrize("folder,forbidden", [("tracking", ("prefect", "flows", "tasks", "cli")),
-                                              ("tasks", ("flows", "cli")), ("flows", ("cli",))])
+                                              ("tasks", ("flows", "cli")), ("flows", ("cli",)),
+                                              ("cluster", ("prefect", "mlflow", "flows", "tasks", "tracking", "cli"))])
 def test_app_layers(folder, forbidden):
     bad = [f"{f.relative_to(ROOT)}:{line} imports {mod}" for f in _files(folder) for line, mod in _imports(f)
            if mod.split(".")[0] in forbidden]

@@ -128,10 +128,12 @@ def leased(rid: str, reason: str) -> Manifest:
 
 
 def run_one(store: Store, launcher: Launcher, campaign: str, rid: str, point: SweepPoint, replicate: int, *,
-            max_retries: int = 2) -> Manifest | None:
+            max_retries: int = 2, lease: Claim | None = None) -> Manifest | None:
     """Bring one run to a final state in the store, retrying transient failures up to ``max_retries``
     attempts in total; returns the manifest written, None if untouched (complete, or failed for good), or a
-    :func:`leased` record when another live process holds the run."""
+    :func:`leased` record when another live process holds the run. ``lease``: the run's lease, already taken by
+    the caller (a work-pool run takes it first, so that its whole life — waiting for GPU slots included — is
+    visible to the campaign that submitted it); the caller releases it."""
     try:
         if store.status(rid) in COMPLETE:
             return None
@@ -143,16 +145,18 @@ def run_one(store: Store, launcher: Launcher, campaign: str, rid: str, point: Sw
             return leased(rid, f"run {rid} is being collected by another thread of this process")
         _IN_FLIGHT.add(key)
     try:
+        own = lease is None
         try:
-            lease = store.lease(rid)
+            claim = store.lease(rid) if lease is None else lease
         except RunLeased as exc:
             return leased(rid, exc.problem)
         try:
-            return _run_leased(store, launcher, campaign, rid, point, replicate, max_retries, lease)
+            return _run_leased(store, launcher, campaign, rid, point, replicate, max_retries, claim)
         except RunLeased as exc:  # our lease was taken over while the launcher ran: nothing was recorded
             return leased(rid, exc.problem)
         finally:
-            lease.release()
+            if own:
+                claim.release()
     finally:
         with _IN_FLIGHT_LOCK:
             _IN_FLIGHT.discard(key)

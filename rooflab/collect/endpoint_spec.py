@@ -12,8 +12,9 @@ Building blocks shared by every campaign model (:mod:`rooflab.collect.spec`, :mo
   :class:`~rooflab.errors.InputError` ``<file>: <field.path>: <problem>`` (``models[0].tp``, ``engine.max_model_len``).
 
 The endpoint section: one model per ``kind`` (:class:`TwinSpec`, :class:`ExternalSpec`, :class:`CommandSpec`,
-:class:`VllmSpec`, all subclasses of :class:`Endpoint`), chosen by ``kind`` (:data:`AnyEndpoint`). The
-launchers (:mod:`rooflab.collect.launchers.factory`) read them.
+:class:`VllmSpec`, :class:`KubernetesSpec`, all subclasses of :class:`Endpoint`), chosen by ``kind``
+(:data:`AnyEndpoint`). The launchers (:mod:`rooflab.collect.launchers.factory`, and ``cluster/k8s_launcher.py`` for
+``kubernetes``) read them.
 
 Depends on pydantic and :mod:`rooflab.errors` only.
 """
@@ -342,5 +343,54 @@ class VllmSpec(_Started):
         return "steplog"
 
 
-AnyEndpoint = Annotated[TwinSpec | ExternalSpec | CommandSpec | VllmSpec, Field(discriminator="kind")]
+def _labels(v: Any) -> Any:
+    if not isinstance(v, dict):
+        raise problem(f"expected a mapping of label: value, got {_describe(v)}")
+    for k, x in v.items():
+        if not isinstance(k, str) or not re.fullmatch(r"([a-z0-9.-]+/)?[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?", k):
+            raise problem("not a Kubernetes label key", k)
+        if isinstance(x, bool) or not isinstance(x, (str, int, float)):
+            raise problem(f"expected a string, got {x!r}", k)
+    return tuple(sorted((k, str(x)) for k, x in v.items()))
+
+
+def _dns_label(v: str) -> str:
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", v):
+        raise problem(f"expected a Kubernetes name (lower-case letters, digits and '-', at most 63), got {v!r}")
+    return v
+
+
+Name = Annotated[Text, AfterValidator(_dns_label)]
+
+
+class KubernetesSpec(Endpoint):
+    """``kind: kubernetes`` (with ``--launcher kubernetes``) — per run, a vLLM Deployment + Service and an
+    inference-perf Job in ``namespace``, applied through the Kubernetes API, waited for, collected from the shared
+    results volume and always deleted (``cluster/k8s_launcher.py``). vLLM writes its per-step log with the
+    vllm-steplog plugin (which the vLLM image must contain), so the trace format is ``steplog``."""
+
+    kind: Literal["kubernetes"]
+    namespace: Name = "rooflab"
+    vllm_image: Text = "vllm/vllm-openai:v0.15.1"  # with the vllm-steplog plugin installed
+    client_image: Text  # an image with inference-perf 0.7.0 (no default: rooflab publishes none)
+    model_path: ModelTemplate = "/models/{model}"  # in the pods: the models volume is mounted at /models
+    tokenizer: ModelTemplate | None = None  # in the client pod; default: model_path
+    served_model_name: ModelTemplate | None = None
+    models_claim: Name = "rooflab-models"  # PersistentVolumeClaim with the weights (mounted read-only)
+    results_claim: Name = "rooflab-results"  # ReadWriteMany claim: vLLM's step log and inference-perf's reports
+    results_mount: Text = "/results"  # where the launcher itself sees the results claim
+    gpu_resource: Text = "nvidia.com/gpu"
+    node_selector: Annotated[tuple[tuple[str, str], ...], BeforeValidator(_labels)] = ()
+    args: tuple[Annotated[Arg, AfterValidator(_vllm_arg)], ...] = ()  # extra vLLM flags
+    env: Annotated[tuple[tuple[str, str], ...], BeforeValidator(_env)] = ()  # extra environment of the vLLM pod
+    ready_timeout_s: Annotated[Num, Field(gt=0, le=86400)] = 1800.0  # vLLM ready (image pull + model load)
+    job_timeout_s: Annotated[Num, Field(gt=0, le=86400)] = 3600.0  # the inference-perf Job done
+    cleanup_timeout_s: Annotated[Num, Field(gt=0, le=3600)] = 300.0  # the run's objects gone
+
+    @property
+    def trace_format(self) -> str:
+        return "steplog"
+
+
+AnyEndpoint = Annotated[TwinSpec | ExternalSpec | CommandSpec | VllmSpec | KubernetesSpec, Field(discriminator="kind")]
 ENDPOINT_KINDS = tuple(get_args(m.model_fields["kind"].annotation)[0] for m in get_args(get_args(AnyEndpoint)[0]))

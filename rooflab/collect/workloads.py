@@ -151,11 +151,12 @@ def _deep_merge(base: dict, override: dict) -> dict:
 
 
 def render_config(point: SweepPoint, *, base_url: str, model_name: str, tokenizer_dir: str, output_dir: str,
-                  overrides: dict | None = None) -> dict:
+                  overrides: dict | None = None, local_tokenizer: bool = True) -> dict:
     """The inference-perf config of one run: the template of ``point.family`` filled with the point's
     ``input_tokens``, ``output_tokens``, ``rate``, ``duration_s`` and ``seed`` (``load.base_seed``: the
     prompts are reproducible; inference-perf's arrival jitter is not seeded). ``overrides`` is deep-merged
-    last (e.g. ``{"load": {"request_timeout": 600}}``). Validated against inference-perf's own model."""
+    last (e.g. ``{"load": {"request_timeout": 600}}``). Validated against inference-perf's own model.
+    ``local_tokenizer=False``: the tokenizer directory is a path where the client runs (a pod), not checked here."""
     label = point.label()
     family(point.family, label)
     template_path = WORKLOADS_DIR / f"{point.family}.yaml"
@@ -173,7 +174,7 @@ def render_config(point: SweepPoint, *, base_url: str, model_name: str, tokenize
     if duration == int(duration):
         duration = int(duration)  # inference-perf's stage duration is an integer number of seconds
     tok = Path(tokenizer_dir)
-    if not tok.is_dir():
+    if local_tokenizer and not tok.is_dir():
         raise InputError(label, "tokenizer_dir", f"{tokenizer_dir!r} is not a local directory "
                          "(inference-perf runs offline: a hub model id fails)")
     values = {"input_tokens": int(params["input_tokens"]), "output_tokens": int(params["output_tokens"]),
@@ -185,7 +186,7 @@ def render_config(point: SweepPoint, *, base_url: str, model_name: str, tokenize
         cfg = _deep_merge(cfg, overrides)
     source = f"{template_path} [{label}]"
     validate_config(cfg, source)
-    check_corrections(cfg, source)
+    check_corrections(cfg, source, local_tokenizer=local_tokenizer)
     return cfg
 
 
@@ -287,8 +288,10 @@ def _default_config_dump() -> dict:
     return d
 
 
-def check_corrections(cfg: dict, source: str) -> None:
-    """rooflab's corrections to the seed's configs (docs/spec.md §3), enforced on every rendered config."""
+def check_corrections(cfg: dict, source: str, *, local_tokenizer: bool = True) -> None:
+    """rooflab's corrections to the seed's configs (docs/spec.md §3), enforced on every rendered config. The
+    tokenizer must be a local directory — here, or (``local_tokenizer=False``) an absolute path where the client
+    runs."""
     def get(path: str) -> Any:
         node: Any = cfg
         for k in path.split("."):
@@ -304,8 +307,9 @@ def check_corrections(cfg: dict, source: str) -> None:
              ("api.streaming", lambda v: v is True, "must be true"),
              ("load.type", lambda v: v == "constant", "must be 'constant'"),
              ("load.stages", lambda v: isinstance(v, list) and len(v) == 1, "must hold exactly one stage"),
-             ("tokenizer.pretrained_model_name_or_path", lambda v: isinstance(v, str) and Path(v).is_dir(),
-              "must be a local tokenizer directory")]
+             ("tokenizer.pretrained_model_name_or_path",
+              lambda v: isinstance(v, str) and (Path(v).is_dir() if local_tokenizer else v.startswith("/")),
+              "must be a local tokenizer directory" + ("" if local_tokenizer else " (an absolute path in the pod)"))]
     for path, ok, problem in rules:
         if not ok(get(path)):
             raise InputError(source, path, f"{problem} (got {get(path)!r})")

@@ -97,15 +97,22 @@ def vllm_command(python: str, model_path: str, served_model_name: str, engine: d
     cmd += [esc(python), "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", "{port}",
             "--model", esc(model_path), "--served-model-name", esc(served_model_name),
             "--tensor-parallel-size", "{tp}"]
+    return cmd + vllm_engine_flags(engine) + [esc(a) for a in args]
+
+
+def vllm_engine_flags(engine: dict | None) -> list[str]:
+    """vLLM's flags for the campaign's engine options (``max_num_seqs`` → ``--max-num-seqs 256``, a bool →
+    ``--enable-…`` / ``--no-enable-…``); options vLLM has no flag for are left out."""
+    out: list[str] = []
     for k, v in sorted((engine or {}).items()):
         flag = _VLLM_FLAGS.get(k)
         if flag is None or v is None:
             continue
         if isinstance(v, bool):
-            cmd.append(flag if v else flag.replace("--", "--no-", 1))
+            out.append(flag if v else flag.replace("--", "--no-", 1))
         else:
-            cmd += [flag, str(v)]
-    return cmd + [esc(a) for a in args]
+            out += [flag, str(v)]
+    return out
 
 
 class Endpoint:

@@ -65,10 +65,15 @@ def make_launcher(campaign: Campaign, kind: str, workdir: str | Path, *, direct_
                                    model=point.model, tp=point.tp, hardware=point.hardware, workdir=servers,
                                    tokenizer_dir=tok, model_name=name, health_timeout_s=ep.health_timeout_s,
                                    trace_format="steplog")
-    else:
+    elif ep.kind == "external":
         def factory(point: SweepPoint) -> Endpoint:
             return ExternalEndpoint(ep.base_url, ep.trace_path, ep.tokenizer, name_for(ep.served_model_name, point),
                                     trace_format=ep.trace_format)
+    else:
+        from rooflab.errors import InputError
+
+        raise InputError(None, "endpoint.kind", f"an endpoint of kind {ep.kind} runs with --launcher kubernetes, not "
+                         f"{kind}")
     pool = EndpointPool(factory, max_servers=max(1, campaign.collection.concurrency))
     return InferencePerfLauncher(pool, timeout_s=campaign.collection.timeout_s)
 

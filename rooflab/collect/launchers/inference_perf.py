@@ -83,7 +83,6 @@ class InferencePerfLauncher:
 
     def run(self, point: SweepPoint, rd: RunDir) -> RunResult:
         from rooflab.collect.workloads import render_config, write_config
-        from rooflab.data.adapters.otel import read_otel_traces
 
         ep = self.pool.get(point)
         with ep.lock:
@@ -104,42 +103,61 @@ class InferencePerfLauncher:
             if rc != 0:
                 return RunResult("failed", f"inference-perf exited with code {rc} (see logs/inference-perf.log)",
                                  engine=engine, transient=True)
-            summary_path = out_dir / "summary_lifecycle_metrics.json"
-            if not summary_path.is_file():
+            ip = client_summary(out_dir, client.n_requests)
+            if ip is None:
                 return RunResult("failed", "inference-perf wrote no summary_lifecycle_metrics.json", engine=engine)
-            summary = json.loads(summary_path.read_text())
-            ok = int(summary.get("successes", {}).get("count", 0))
-            failed = int(summary.get("failures", {}).get("count", 0))
-            expected = client.n_requests
-            ip = {"successes": ok, "failures": failed, "expected": expected, "time_scale": ep.time_scale}
+            ip["time_scale"] = ep.time_scale
             ep.drain(self.drain_timeout_s)
             steplog = ep.trace_format == "steplog"
             trace_file = rd.path / "traces" / ("steplog.jsonl" if steplog else "traces.jsonl")
             n_bytes = ep.copy_traces(mark, trace_file)
             if steplog and n_bytes:
                 _prepend_engine_lines(ep, mark, trace_file)
-        if failed:
-            return RunResult("failed", f"{failed} of {ok + failed} requests failed (inference-perf exits 0 regardless)",
-                             engine=engine, extra={"inference_perf": ip})
-        if ok < expected:
-            return RunResult("failed", f"only {ok} of {expected} requests were sent or completed (dropped: "
-                             "prompt too long for the tokenizer, or the stage ended early)", engine=engine,
-                             extra={"inference_perf": ip})
-        if n_bytes == 0:
-            return RunResult("failed", "the server wrote no traces for this run", engine=engine,
-                             extra={"inference_perf": ip})
-        if steplog:
-            return _steplog_result(trace_file, rd, point, ip, engine, out_dir)
-        budget = dict(point.engine).get("max_num_batched_tokens")
-        tables = read_otel_traces(trace_file, run_id=rd.run_id, model=point.model,
-                                  tp=point.tp, hardware=point.hardware,
-                                  max_num_batched_tokens=int(budget) if budget is not None else None)
-        req = tables.requests
-        span = (req["departed_us"].max() - req["arrived_us"].min()) / 1e6 if len(req) else 0.0
-        if len(req) != ok:
-            ip["trace_requests"] = len(req)
-        return RunResult("ok", steps=tables.steps, requests=req, gpu_seconds=float(span) * point.tp, engine=engine,
-                         extra={"inference_perf": ip, "ingest": tables.report})
+        return run_result(point, rd, out_dir, trace_file, ip=ip, engine=engine, steplog=steplog)
+
+
+def client_summary(out_dir: Path, expected: int) -> dict | None:
+    """inference-perf's counts from its ``summary_lifecycle_metrics.json`` in ``out_dir`` (None: no summary)."""
+    summary_path = out_dir / "summary_lifecycle_metrics.json"
+    if not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    return {"successes": int(summary.get("successes", {}).get("count", 0)),
+            "failures": int(summary.get("failures", {}).get("count", 0)), "expected": expected}
+
+
+def run_result(point: SweepPoint, rd: RunDir, out_dir: Path, trace_file: Path, *, ip: dict, engine: dict,
+               steplog: bool) -> RunResult:
+    """The run from what it left in its folder — inference-perf's reports in ``out_dir`` (counts ``ip``, from
+    :func:`client_summary`) and the server's trace for the run in ``trace_file`` — failed when requests failed or
+    were dropped or the server traced nothing; else its step and request tables (server clock only). Shared by
+    every launcher that runs the real inference-perf (here, and a Kubernetes Job's)."""
+    from rooflab.data.adapters.otel import read_otel_traces
+
+    ok, failed, expected = ip["successes"], ip["failures"], ip["expected"]
+    n_bytes = trace_file.stat().st_size if trace_file.is_file() else 0
+    if failed:
+        return RunResult("failed", f"{failed} of {ok + failed} requests failed (inference-perf exits 0 regardless)",
+                         engine=engine, extra={"inference_perf": ip})
+    if ok < expected:
+        return RunResult("failed", f"only {ok} of {expected} requests were sent or completed (dropped: "
+                         "prompt too long for the tokenizer, or the stage ended early)", engine=engine,
+                         extra={"inference_perf": ip})
+    if n_bytes == 0:
+        return RunResult("failed", "the server wrote no traces for this run", engine=engine,
+                         extra={"inference_perf": ip})
+    if steplog:
+        return _steplog_result(trace_file, rd, point, ip, engine, out_dir)
+    budget = dict(point.engine).get("max_num_batched_tokens")
+    tables = read_otel_traces(trace_file, run_id=rd.run_id, model=point.model,
+                              tp=point.tp, hardware=point.hardware,
+                              max_num_batched_tokens=int(budget) if budget is not None else None)
+    req = tables.requests
+    span = (req["departed_us"].max() - req["arrived_us"].min()) / 1e6 if len(req) else 0.0
+    if len(req) != ok:
+        ip["trace_requests"] = len(req)
+    return RunResult("ok", steps=tables.steps, requests=req, gpu_seconds=float(span) * point.tp, engine=engine,
+                     extra={"inference_perf": ip, "ingest": tables.report})
 
 
 def _prepend_engine_lines(ep: Endpoint, mark: int, trace_file: Path) -> None:
