@@ -242,6 +242,7 @@ def reference_betas(results: list[dict], variant: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed … first-seed + seeds − 1")
     ap.add_argument("--truths", default="H100-SXM,H200")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--variant", default=DEFAULT_VARIANT, help="model variant every strategy calibrates")
@@ -252,7 +253,7 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.time()
     workdir = Path(tempfile.mkdtemp(prefix="rooflab-se-"))
-    jobs = [(t, s) for s in range(args.seeds) for t in args.truths.split(",")]
+    jobs = [(t, s) for s in range(args.first_seed, args.first_seed + args.seeds) for t in args.truths.split(",")]
     print(f"sample efficiency of {args.variant}: {len(jobs)} jobs ({args.truths} × {args.seeds} seeds), "
           f"{args.workers} workers")
     try:

@@ -14,3 +14,7 @@ class InputError(ValueError):
         self.problem = problem
         parts = [p for p in (self.source, field) if p]
         super().__init__(": ".join(parts + [problem]).replace("\n", " "))
+
+    def __reduce__(self) -> tuple[type[InputError], tuple[str | None, str | None, str]]:
+        # picklable with its three fields: an error raised in a worker process reaches the parent intact
+        return (type(self), (self.source, self.field, self.problem))

@@ -2,6 +2,7 @@
 where it goes — the coefficient set, export, replay's warnings, the stop rule and targeting — plus the
 prefix-cache hits every step source reports (or says it cannot)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -94,6 +95,34 @@ def test_enough_prefill_is_identified():
     calib = calibrate(with_step_times(synthetic_steps()), options=OPTS)
     assert calib.unidentified == {}
     assert all(c.status == "pass" for c in calib.health if c.check == IDENTIFIED_CHECK)
+
+
+def test_attention_is_judged_at_its_typical_efficiency_and_has_its_own_plausible_range():
+    """β1_attn multiplies attention FLOPs at the bf16 peak, which FlashAttention reaches only in part (H200 kernels:
+    median 25%): its visibility is judged at β = 4, and the stop rule and the health table accept [0.3, 50]."""
+    from rooflab.fit.coverage import SHOWING_SHARE, data_coverage, visible_at
+    from rooflab.model.features import featurize
+    from rooflab.model.variants import get_variant
+
+    v = get_variant("roofline7+layers+attn")
+    attn = next(t for t in v.terms if t.name == "beta1_attn")
+    assert visible_at(attn) == 4.0 and visible_at(v.terms[0]) == 1.0 and attn.plausible == (0.3, 50.0)
+    steps = with_step_times(synthetic_steps())
+    feats = featurize(steps)
+    y = steps["step_time_us"].to_numpy()
+    cov = data_coverage(steps, feats, v.terms, y)
+    x = feats["f_pf_attn"].to_numpy()
+    assert cov.term_showing_steps["beta1_attn"] == int(np.sum(4.0 * x >= SHOWING_SHARE * y))
+    assert cov.term_showing_steps["beta1_attn"] > int(np.sum(x >= SHOWING_SHARE * y))  # β = 1 would see fewer
+    calib = calibrate(steps, options=Options(variant="roofline7+layers+attn", n_boot=30))
+    names = calib.beta.names
+    for value, ok in ((12.0, True), (60.0, False)):
+        beta = calib.beta.beta.copy()
+        beta[names.index("beta1_attn")] = value
+        moved = dataclasses.replace(calib, beta=dataclasses.replace(calib.beta, beta=beta))
+        crit = stop_rule(moved, gpu_seconds_spent=0, budget_gpu_seconds=None, iteration=1,
+                         max_iterations=None).criteria["beta1_attn_range"]
+        assert crit.threshold == [0.3, 50.0] and ("in [0.3, 50]" in crit.text) == ok, crit.text
 
 
 # ------------------------------------------------------------------------------------------- prefix-cache hits

@@ -2,7 +2,8 @@
 statistics behind it (prefill share, prefill tokens per step, prefix-cache hits, context range).
 
 A fit always returns a number for every β; whether the data *determined* it is another matter. A term that
-is a visible share of the step time in too few steps (at its physical value, β = 1) cannot be told from the
+is a visible share of the step time in too few steps (at its typical physical value: β = 1, the datasheet peak,
+for GEMM-like terms; β = 4 for attention, which runs at ~25% of the peak) cannot be told from the
 fit's noise and the other terms' errors, so its fitted value is a guess — real vLLM runs whose prompts recur
 are served from the prefix cache, and a β1 of 0.03 fitted there says nothing about the prefill of a new prompt.
 The check ``identified by the data`` (:func:`identification_checks`) flags such a β with the reason in words; the stop
@@ -22,7 +23,7 @@ from rooflab.fit.health import FAIL, PASS, Check
 from rooflab.model.terms import Term
 
 # A β is identified by the data when at least MIN_SHOWING_STEPS training steps show its term at ≥ SHOWING_SHARE
-# of their step time (at β = 1): fewer, and its value is set by noise and by the other terms' errors.
+# of their step time (at β = visible_at(term)): fewer, and its value is set by noise and by the other terms' errors.
 SHOWING_SHARE = 0.05
 MIN_SHOWING_STEPS = 50
 IDENTIFIED_CHECK = "identified by the data"
@@ -57,6 +58,12 @@ class DataCoverage:
         return f"{self.cache_hit_share:.0%} of prompt tokens were prefix-cache hits{known}"
 
 
+def visible_at(term: Term) -> float:
+    """The β at which the data's view of ``term`` is judged: its typical physical value (attention: 4, i.e. 25% of
+    the bf16 peak), else its prior (1: the datasheet peak)."""
+    return float(term.typical if term.typical is not None else (term.prior if term.prior is not None else 1.0))
+
+
 def _p90(x: np.ndarray) -> float:
     return float(np.percentile(x, 90)) if len(x) else float("nan")
 
@@ -87,7 +94,7 @@ def data_coverage(steps: pd.DataFrame, features: pd.DataFrame | dict, terms: Seq
             continue
         share[t.name] = float(x.sum() / total_y) if total_y > 0 else float("nan")
         with np.errstate(divide="ignore", invalid="ignore"):
-            showing[t.name] = int(np.sum(x >= SHOWING_SHARE * y))
+            showing[t.name] = int(np.sum(visible_at(t) * x >= SHOWING_SHARE * y))
     with np.errstate(divide="ignore", invalid="ignore"):
         reach = (C[pf] + T[pf]) / np.maximum(P[pf], 1.0)
         dctx = Cd[D > 0] / D[D > 0]
@@ -137,5 +144,5 @@ def identification_checks(terms: Sequence[Term], cov: DataCoverage) -> list[Chec
         out.append(Check(IDENTIFIED_CHECK, t.name, FAIL if why else PASS,
                          float(cov.term_showing_steps.get(t.name, 0)),
                          f"fail: fewer than {MIN_SHOWING_STEPS} steps show the term at ≥ {SHOWING_SHARE:.0%} of "
-                         "their step time (β = 1)", why or ""))
+                         f"their step time (β = {visible_at(t):g})", why or ""))
     return out

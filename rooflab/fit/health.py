@@ -65,11 +65,13 @@ def check_health(fit: BetaFit, X: np.ndarray, y: np.ndarray) -> list[Check]:
         if t.prior is None:
             continue
         b = fit.beta[j]
-        status = _grade(b, lambda v: 0.8 <= v <= 5, lambda v: 0.3 <= v < 0.8)
+        lo, hi = t.plausible or (0.3, 5.0)  # attention's own range: rooflab.model.variants
+        status = PASS if 0.8 <= b <= hi else (WARN if lo <= b < 0.8 else FAIL)
         action = "" if status == PASS else ("below 0.8: the feature overstates the work, or another term absorbs it"
-                                            if status == WARN else "outside [0.3, 5]: formula or data problem — check "
-                                            f"the {t.meaning} feature and the input data")
-        out.append(Check("physical range", t.name, status, b, "pass 0.8–5, warn 0.3–0.8, fail <0.3 or >5", action))
+                                            if status == WARN else f"outside [{lo:g}, {hi:g}]: formula or data "
+                                            f"problem — check the {t.meaning} feature and the input data")
+        out.append(Check("physical range", t.name, status, b,
+                         f"pass 0.8–{hi:g}, warn {lo:g}–0.8, fail <{lo:g} or >{hi:g}", action))
 
     draws = fit.draws
     if len(draws) >= 2:

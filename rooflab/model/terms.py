@@ -26,6 +26,10 @@ class Term:
     prior: float | None = None  # Gaussian prior mean (efficiency corrections: 1.0); None = no prior
     lower: float = 0.0
     upper: float = np.inf
+    # efficiency corrections: the β at which the data's view of the term is judged (rooflab.fit.coverage;
+    # None: the prior) and the range the stop rule accepts as physical (None: its default, [0.3, 5])
+    typical: float | None = None
+    plausible: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import numpy as np
 from rooflab.collect.spec import Campaign
 from rooflab.fit.calibration import Calibration
 from rooflab.fit.residuals import HOTSPOT_MAPE
+from rooflab.model.variants import get_variant
 from rooflab.targeting.candidates import hotspot_rows, model_arch, model_layers
 from rooflab.targeting.information import PRIOR_SD, STEPS_PER_RUN, sigma_of
 
@@ -125,7 +126,8 @@ def stop_rule(calib: Calibration | None, *, gpu_seconds_spent: float, budget_gpu
     else:
         fit = calib.beta
         names = fit.names
-        # 1. β1–β5 identified and in [0.3, 5]
+        terms = {t.name: t for t in get_variant(calib.options.variant).terms}
+        # 1. β1–β5 identified and in [0.3, 5] (or the term's own plausible range)
         for name in required:
             if name not in names:
                 continue
@@ -134,7 +136,8 @@ def stop_rule(calib: Calibration | None, *, gpu_seconds_spent: float, budget_gpu
             ratio = data_prior_ratio(calib, j)
             # no data on the feature at all -> not identified
             identified = bool(fit.data_precision[j] > 0 and ratio >= MIN_DATA_PRIOR_PRECISION)
-            in_range = BETA_RANGE[0] <= b <= BETA_RANGE[1]
+            lo, hi = (terms[name].plausible if name in terms else None) or BETA_RANGE
+            in_range = lo <= b <= hi
             unseen = calib.unidentified.get(name)  # the data cannot see it (rooflab.fit.coverage)
             identified = identified and unseen is None
             if unseen is not None:
@@ -144,11 +147,11 @@ def stop_rule(calib: Calibration | None, *, gpu_seconds_spent: float, budget_gpu
                     f"prior-dominated: data/prior precision {ratio:.2g} < 1"
                 text = f"{name} not identified ({why})"
             elif not in_range:
-                text = f"{name} {b:.3g} outside [{BETA_RANGE[0]:g}, {BETA_RANGE[1]:g}]"
+                text = f"{name} {b:.3g} outside [{lo:g}, {hi:g}]"
             else:
-                text = f"{name} {b:.3g} in [{BETA_RANGE[0]:g}, {BETA_RANGE[1]:g}]"
+                text = f"{name} {b:.3g} in [{lo:g}, {hi:g}]"
             crit[f"{name}_range"] = Criterion(met=bool(identified and in_range), value=_num(b),
-                                     threshold=list(BETA_RANGE), identified=identified, text=text)
+                                     threshold=[lo, hi], identified=identified, text=text)
         # 2. every β's bootstrap CV < 30%
         cvs = [c for c in calib.health if c.check == "bootstrap CV"]
         if len(fit.draws) < 2:
