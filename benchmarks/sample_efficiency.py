@@ -52,14 +52,32 @@ MAX_ITERATIONS = 40
 
 
 def _campaign(truth: str, seed: int, workdir: Path):
+    """The default campaign on ``truth``'s GPU. A combo whose TP does not fit that GPU (Mixtral-8x7B TP2 on a 48 GB
+    L40S) gets the next TP that fits, as a user would choose, and the substitution is printed."""
+    import yaml
+
     from rooflab.collect.spec import load_campaign
+    from rooflab.errors import InputError
 
     text = (ROOT / "configs" / "campaigns" / "default.yaml").read_text()
     text = re.sub(r"(?m)^hardware: .*$", f"hardware: {truth}", text)
     text = re.sub(r"(?m)^seed: .*$", f"seed: {seed}", text)
     text = re.sub(r"(?m)^name: .*$", f"name: se-{truth}-{seed}", text)
     path = workdir / f"se-{truth}-{seed}.yaml"
-    path.write_text(text)
+    doc = yaml.safe_load(text)
+    for _ in range(8):
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        try:
+            return load_campaign(str(path))
+        except InputError as exc:
+            m = re.fullmatch(r"(models|validation\.models)\[(\d+)\]\.tp", exc.field or "")
+            if m is None or "infeasible" not in exc.problem:
+                raise
+            section = doc["models"] if m.group(1) == "models" else doc["validation"]["models"]
+            entry = section[int(m.group(2))]
+            tps = entry["tp"] if isinstance(entry["tp"], list) else [entry["tp"]]
+            entry["tp"] = [t * 2 for t in tps] if isinstance(entry["tp"], list) else tps[0] * 2
+            print(f"  {truth}: {entry['model']} TP {tps} does not fit; using TP {entry['tp']}", flush=True)
     return load_campaign(str(path))
 
 

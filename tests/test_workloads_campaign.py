@@ -283,12 +283,14 @@ def test_loop_section_defaults_and_overrides(tmp_path, default):
     from rooflab.model.features import DEFAULT_FORMULAS
     from rooflab.model.variants import DEFAULT_VARIANT
 
-    assert default.loop == LoopSettings(batch_size=6, max_iterations=4, variant=DEFAULT_VARIANT,
+    # the shipped default campaign fits the attention split (README, "Prefill the data can see")
+    assert default.loop == LoopSettings(batch_size=6, max_iterations=4, variant="roofline7+layers+attn",
                                         formulas=DEFAULT_FORMULAS, targeting="d-optimal", n_boot=100,
                                         replay_stop=False)
     c = load_campaign(_write(tmp_path, _mutated(lambda d: d.__setitem__(
         "loop", {"batch_size": 3, "targeting": "menu", "replay_stop": True}))))
     assert (c.loop.batch_size, c.loop.targeting, c.loop.replay_stop, c.loop.n_boot) == (3, "menu", True, 100)
+    assert c.loop.variant == DEFAULT_VARIANT  # a loop section that names no variant gets the library default
     c2 = c.with_loop(max_iterations=9, n_boot=20, targeting=None)  # None keeps the campaign's value
     assert (c2.loop.max_iterations, c2.loop.n_boot, c2.loop.targeting, c2.loop.batch_size) == (9, 20, "menu", 3)
     assert c.loop.max_iterations == 4 and c2.spec.loop == c2.loop  # a copy; the original is unchanged
