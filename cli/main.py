@@ -1,8 +1,8 @@
 """The ``rooflab`` command line: :func:`main` runs the typer app of :mod:`cli.app` with every command registered
 by importing its module — fit / models / hardware / export (:mod:`cli.fit_cmds`), collect / campaign / serve /
 compare (:mod:`cli.campaign_cmds`), replay / calibrate-e2e (:mod:`cli.replay_cmds`), calibrate-summaries
-(:mod:`cli.summary_cmds`), twin (:mod:`cli.twin_cmds`), bench (:mod:`cli.bench_cmds`) and tracking-server
-(:mod:`cli.cluster_cmds`).
+(:mod:`cli.summary_cmds`), twin (:mod:`cli.twin_cmds`), bench (:mod:`cli.bench_cmds`), onboard
+(:mod:`cli.onboard_cmds`) and tracking-server (:mod:`cli.cluster_cmds`).
 
 Exit status: 0 done; 1 the command failed (e.g. collected runs that failed); 2 bad input — a usage error
 (unknown command or option, a value of the wrong type, a missing option) or an
@@ -28,6 +28,7 @@ import cli.campaign_cmds  # noqa: F401
 import cli.replay_cmds  # noqa: F401
 import cli.twin_cmds  # noqa: F401
 import cli.bench_cmds  # noqa: F401
+import cli.onboard_cmds  # noqa: F401
 import cli.summary_cmds  # noqa: F401
 import cli.cluster_cmds  # noqa: F401
 # isort: on
