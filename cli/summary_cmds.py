@@ -56,6 +56,8 @@ def calibrate_summaries_cmd(
     iterations: int = typer.Option(2, help="anchored replay → solve rounds"),
     whole_run: bool = typer.Option(False, "--whole-run", help="fit each experiment's whole-run means only (BLIS's "
                                    "trainer); default: every stage's means"),
+    posterior_draws: int = typer.Option(100, "--posterior-draws", help="whole-experiment bootstrap draws of the "
+                                        "result's posterior (stored with the coefficients; 0: none)"),
     out: Path | None = typer.Option(None, help="write the coefficients (rooflab coefficients JSON) here"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -68,6 +70,7 @@ def calibrate_summaries_cmd(
 
     check_range(prior, "--prior", 0.0, 1e6)
     check_range(iterations, "--iterations", 1, 20)
+    check_range(posterior_draws, "--posterior-draws", 0, 10_000)
     if start == "neutral":
         get_variant(variant)
         if variant not in NEUTRAL:
@@ -100,6 +103,10 @@ def calibrate_summaries_cmd(
                                    progress=None if as_json else (lambda m: print(m, flush=True)))
     c = fit.coefficients
     c.source = f"calibrate-summaries on {len(targets)} experiments"
+    if posterior_draws:  # what `rooflab replay --interval` draws from
+        from rooflab.fit.replay_posterior import summary_posterior
+
+        c.posterior = summary_posterior(targets, c, options, prior=start_c, n_boot=posterior_draws)
     for w in coefficient_warnings(None, c):
         print(f"warning: {w}", file=sys.stderr)
     doc = {"coefficients": c.to_dict(), "history": fit.history, "training": [t.name for t in targets]}

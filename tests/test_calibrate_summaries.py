@@ -64,6 +64,7 @@ def test_cli_fits_two_kit_experiments_and_writes_a_loadable_set(tmp_path, capsys
     assert c.beta != neutral_coefficients("roofline7+layers").beta  # the data moved it
     assert all(np.isfinite(list(c.beta.values()))) and all(a >= 0 for a in c.alpha)
     assert json.loads(out.read_text())["variant"] == "roofline7+layers"
+    assert c.posterior is not None and len(c.draws(5)) == 5  # what `rooflab replay --interval` draws from
 
 
 @needs_kit
