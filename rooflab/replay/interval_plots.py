@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from rooflab.replay.intervals import METRICS, STATS, IntervalReplay
+from rooflab.replay.plots import save_figure
 
 
 def _pyplot() -> Any:
@@ -36,12 +37,7 @@ def plot_calibration(curves: Mapping[str, np.ndarray], levels: np.ndarray, path:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_intervals(results: Sequence[IntervalReplay], path: str | Path, title: str = "") -> Path:
@@ -77,9 +73,4 @@ def plot_intervals(results: Sequence[IntervalReplay], path: str | Path, title: s
         ax.set_ylabel(f"predicted {m.upper()} (ms), median and interval")
         ax.set_title(f"{m.upper()} {title}".strip(), fontsize=9)
         ax.legend(fontsize=7, loc="upper left", title="blue: covered, red: missed", title_fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

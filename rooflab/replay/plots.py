@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from rooflab.replay.metrics import METRICS
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out ``fig``, write it to ``path`` (its folder created) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def plot_replay(results: dict, path: str | Path, title: str = "") -> Path:
@@ -41,9 +54,4 @@ def plot_replay(results: dict, path: str | Path, title: str = "") -> Path:
         ax.set_ylabel(f"predicted {m.upper()} (ms)")
         ax.set_title(f"{m.upper()} {title}".strip())
     axes[-1].legend(fontsize=6, markerscale=3, loc="upper left")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
