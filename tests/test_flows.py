@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from prefect_harness import bounded_prefect_harness  # noqa: E402
 
 import flows.campaign as campaign_module  # noqa: E402
 from flows.campaign import campaign_flow  # noqa: E402
@@ -24,8 +24,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module", autouse=True)
 def harness(tmp_path_factory):
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    with prefect_test_harness(server_startup_timeout=120):
+    with bounded_prefect_harness(tmp_path_factory.mktemp("prefect-home")):
         yield
 
 

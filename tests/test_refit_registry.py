@@ -14,7 +14,7 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from prefect_harness import bounded_prefect_harness  # noqa: E402
 
 from rooflab.collect.collector import collect  # noqa: E402
 from rooflab.collect.launchers.direct import DirectLauncher  # noqa: E402
@@ -52,8 +52,7 @@ loop: {n_boot: 20}
 
 @pytest.fixture(scope="module", autouse=True)
 def harness(tmp_path_factory):
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    with prefect_test_harness(server_startup_timeout=120):
+    with bounded_prefect_harness(tmp_path_factory.mktemp("prefect-home")):
         yield
 
 
