@@ -160,7 +160,8 @@ def test_health_stays_fast_under_load_with_tracing(tok, tmp_path):
     # the same load without tracing: tracing may add little (0.25 s: room for garbage-collector pauses)
     assert traced < plain + 0.25, f"/health {traced:.3f} s with tracing vs {plain:.3f} s without"
     assert tokens_plain == tokens_traced == [max_tokens] * N_CLIENTS
-    assert n_plain >= 5 and n_traced >= 5  # the probe ran during the load
+    # the probe answered during each load: the untraced one lasts ~40 ms (2-3 probes), the traced one ~150 ms
+    assert n_plain >= 1 and n_traced >= 5, (n_plain, n_traced)
     assert 'vllm:num_requests_running{model_name="llama-3.1-8b"} 0.0' in metrics
     # the trace is complete and well-formed after the server stopped
     lines = path.read_text().splitlines()
