@@ -40,3 +40,17 @@ def bounded_prefect_harness(home: Path, startup_timeout_s: int = 120) -> Iterato
     with mock.patch.object(harness_module, "run_coro_as_sync", bounded):
         with prefect_test_harness(server_startup_timeout=startup_timeout_s):
             yield
+
+
+def drain_prefect_clients(timeout_s: float = 30.0) -> None:
+    """Deliver what this process's Prefect log and event workers still hold, while their server is up, waiting at
+    most ``timeout_s`` each. A test that stops a Prefect server must call it first: items left for a server that is
+    gone make the workers' drain at interpreter exit retry for hours, and pytest never exits."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        try:
+            service.drain_all(timeout=timeout_s)
+        except RuntimeError:  # never started in this process
+            pass

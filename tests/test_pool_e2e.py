@@ -29,6 +29,7 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
+from prefect_harness import drain_prefect_clients  # noqa: E402
 
 from cluster.services import Service, start_mlflow_server, start_prefect_server, start_worker  # noqa: E402
 
@@ -115,6 +116,7 @@ def cluster(tmp_path_factory):
                 services.append(workers[name])
             print(f"\nservices up in {time.monotonic() - t0:.1f} s")
             yield Cluster(base, srv, ml, workers, base / "pool-e2e.yaml", base / "pool-kill.yaml")
+            drain_prefect_clients()  # while the server is up: nothing left for the interpreter's exit
     finally:
         for s in reversed(services):
             s.stop()
