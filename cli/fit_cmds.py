@@ -32,7 +32,7 @@ def fit(
     steps: Path = typer.Option(..., "--steps", help="step table or aggregated step records (.parquet/.csv)"),
     requests: Path | None = typer.Option(None, "--requests", help="request table for the α fit"),
     hardware: str = typer.Option("H100-SXM", help="GPU of step-record files (they do not name it)"),
-    variant: str = typer.Option(DEFAULT_VARIANT, help="model variant: roofline7 | roofline7+layers"),
+    variant: str = typer.Option(DEFAULT_VARIANT, help="model variant, e.g. roofline7+layers, *+attn, blis-tp10"),
     formulas: str | None = typer.Option(None, help="feature formulas: vllm | design for rooflab's variants (default "
                                                     "vllm), blis for BLIS's (its only one)"),
     prior: str = typer.Option("auto", help="prior strength λ, or 'auto' (leave-one-run-out choice)"),

@@ -232,7 +232,7 @@ def calibrate_e2e_cmd(
     gpu_memory_utilization: float | None = typer.Option(None, "--gpu-memory-utilization", help=_GMU_HELP),
     prefix_caching: bool | None = typer.Option(None, "--prefix-caching/--no-prefix-caching"),
     max_concurrency: int | None = typer.Option(None, "--max-concurrency", help=_CAP_HELP),
-    variant: str = typer.Option(DEFAULT_VARIANT, help="model variant: roofline7 | roofline7+layers"),
+    variant: str = typer.Option(DEFAULT_VARIANT, help="model variant, e.g. roofline7+layers, *+attn, blis-tp10"),
     prior: float = typer.Option(1e-3, help="prior strength λ toward β1–β5 = 1"),
     iterations: int = typer.Option(4, help="stacked per-request fixed-point iterations"),
     polish: int = typer.Option(12, help="Nelder–Mead replay evaluations after the stacked fit (0: none)"),

@@ -82,8 +82,12 @@ def test_bad_input_is_one_line(args, expect, capsys):
     assert rc == 2 and expect in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
+@needs_kit
 def test_the_kit_path_may_be_the_file_or_its_folder(tmp_path):
     from cli.summary_cmds import _experiments
 
+    by_file = _experiments(S2R_DIR / "experiments.json", "48,66", None)
+    by_folder = _experiments(S2R_DIR, "48,66", None)
+    assert [str(e.exp_id) for e in by_file] == [str(e.exp_id) for e in by_folder] == ["48", "66"]
     with pytest.raises(InputError, match="experiments.json"):
         _experiments(Path(tmp_path) / "experiments.json", None, None)
